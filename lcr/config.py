@@ -1,0 +1,203 @@
+"""Frozen, typed configuration dataclasses, built once from an ml_collections ConfigDict.
+
+Experiment files (``configs/*.py``) speak ConfigDict; the library speaks the frozen dataclasses defined
+here (and in ``lcr/data/config.py`` for the data room). Every field is validated when its dataclass is
+built, before anything compiles, and every invalid value raises one :class:`ConfigError` that names the
+field, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """An invalid configuration value: the message names the field, the value and what is allowed."""
+
+
+def fail(field: str, value: Any, allowed: str) -> typing.NoReturn:
+  raise ConfigError(f'config field {field}={value!r} is invalid: {allowed}')
+
+
+def check_choice(field: str, value: Any, choices: Iterable[str]) -> None:
+  choices = sorted(choices)
+  if value not in choices:
+    fail(field, value, f'allowed values are {", ".join(map(repr, choices))}')
+
+
+def check_positive(field: str, value: float) -> None:
+  if not value > 0:
+    fail(field, value, 'must be > 0')
+
+
+def check_range(field: str, value: float, lo: float, hi: float) -> None:
+  if not lo <= value <= hi:
+    fail(field, value, f'must be in [{lo}, {hi}]')
+
+
+def _coerce(field: str, value: Any, annotation: Any) -> Any:
+  """Converts ConfigDict values (lists, FieldReferences) into what the dataclass field expects."""
+  if isinstance(value, ml_collections.FieldReference):
+    value = value.get()
+  origin = typing.get_origin(annotation)
+  if origin is tuple and isinstance(value, (list, tuple)):
+    return tuple(value)
+  if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if annotation is int and isinstance(value, float) and value.is_integer():
+    return int(value)
+  if annotation in (int, float, str, bool) and not isinstance(value, annotation):
+    fail(field, value, f'expected a value of type {annotation.__name__}')
+  return value
+
+
+def from_mapping(cls: type, values: Mapping[str, Any] | None, prefix: str):
+  """Builds the frozen dataclass ``cls`` from a mapping; unknown keys are an error, not ignored."""
+  values = dict(values or {})
+  hints = typing.get_type_hints(cls)
+  known = {f.name for f in dataclasses.fields(cls) if f.init}
+  unknown = sorted(set(values) - known)
+  if unknown:
+    raise ConfigError(
+        f'config field {prefix}.{unknown[0]} does not exist; fields of {prefix} are: '
+        f'{", ".join(sorted(known))}')
+  kwargs = {k: _coerce(f'{prefix}.{k}', v, hints[k]) for k, v in values.items()}
+  return cls(**kwargs)
+
+
+def to_dict(dc: Any) -> dict[str, Any]:
+  """A JSON-friendly dict of a (possibly nested) config dataclass."""
+  return dataclasses.asdict(dc)
+
+
+# Names the model accepts. The registries that implement them live in their own rooms
+# (lcr.positional, lcr.layers, lcr.attention); these tuples let the config validate without
+# importing JAX code, and tests check that the two agree.
+POSITIONAL_ENCODINGS = ('none', 'learned', 'sinusoidal', 'rope', 'xpos', 'alibi', 't5')
+ROTARY_ENCODINGS = ('rope', 'xpos')
+ROPE_SCALINGS = ('none', 'linear', 'ntk', 'dynamic_ntk', 'yarn')
+POS_COMBINES = ('add', 'concat')
+NORMS = ('layernorm', 'rmsnorm')
+NORM_PLACEMENTS = ('pre', 'post')
+FFNS = ('mlp', 'swiglu', 'geglu')
+DTYPES = ('float32', 'bfloat16', 'float16')
+ATTENTION_BACKENDS = ('xla',)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The decoder-only Transformer LM (field docs in README's model-options table)."""
+  vocab_size: int = 259
+  num_layers: int = 2
+  d_model: int = 128
+  num_heads: int = 4
+  num_kv_heads: int = 0            # 0 = num_heads (MHA); 1 = MQA; otherwise GQA groups.
+  ffn_dim: int = 0                 # 0 = 4 * d_model.
+  pos: str = 'rope'
+  pos_combine: str = 'add'         # absolute encodings only: add to or concatenate with the embedding.
+  pos_dim: int = 0                 # concat only: width of the positional part (0 = d_model // 4).
+  max_len: int = 2048              # size of the learned absolute table.
+  rope_base: float = 10000.0
+  rope_fraction: float = 1.0       # fraction of each head's dims that rotate (GPT-NeoX partial RoPE).
+  rope_scaling: str = 'none'
+  rope_factor: float = 1.0
+  rope_original_length: int = 0    # training length the scaling extends from (0 = no scaling).
+  yarn_beta_fast: float = 32.0
+  yarn_beta_slow: float = 1.0
+  xpos_gamma: float = 0.4
+  xpos_scale_base: float = 512.0
+  t5_num_buckets: int = 32
+  t5_max_distance: int = 128
+  attention_backend: str = 'xla'
+  norm: str = 'layernorm'
+  norm_placement: str = 'pre'
+  ffn: str = 'mlp'
+  dropout: float = 0.0
+  tie_embeddings: bool = True
+  dtype: str = 'float32'
+  param_dtype: str = 'float32'
+  remat: bool = False
+  scan_layers: bool = False
+
+  def __post_init__(self):
+    for name in ('vocab_size', 'num_layers', 'd_model', 'num_heads', 'max_len', 't5_num_buckets',
+                 't5_max_distance'):
+      check_positive(f'model.{name}', getattr(self, name))
+    for name in ('num_kv_heads', 'ffn_dim', 'pos_dim', 'rope_original_length'):
+      if getattr(self, name) < 0:
+        fail(f'model.{name}', getattr(self, name), 'must be >= 0 (0 selects the default)')
+    check_choice('model.pos', self.pos, POSITIONAL_ENCODINGS)
+    check_choice('model.pos_combine', self.pos_combine, POS_COMBINES)
+    check_choice('model.rope_scaling', self.rope_scaling, ROPE_SCALINGS)
+    check_choice('model.norm', self.norm, NORMS)
+    check_choice('model.norm_placement', self.norm_placement, NORM_PLACEMENTS)
+    check_choice('model.ffn', self.ffn, FFNS)
+    check_choice('model.attention_backend', self.attention_backend, ATTENTION_BACKENDS)
+    check_choice('model.dtype', self.dtype, DTYPES)
+    check_choice('model.param_dtype', self.param_dtype, DTYPES)
+    if self.d_model % self.num_heads:
+      fail('model.d_model', self.d_model, f'must be divisible by model.num_heads={self.num_heads}')
+    if self.num_heads % self.kv_heads:
+      fail('model.num_kv_heads', self.num_kv_heads,
+           f'model.num_heads={self.num_heads} must be divisible by it')
+    if self.pos in ROTARY_ENCODINGS:
+      if self.head_dim % 2:
+        fail('model.pos', self.pos, f'{self.pos} rotates pairs of dims and needs an even head '
+             f'dimension, but d_model/num_heads = {self.head_dim}')
+      if self.rotary_dim % 2 or self.rotary_dim == 0:
+        fail('model.rope_fraction', self.rope_fraction,
+             f'rope_fraction*head_dim must be a positive even number (head_dim={self.head_dim})')
+    check_range('model.rope_fraction', self.rope_fraction, 0.0, 1.0)
+    check_positive('model.rope_base', self.rope_base)
+    if self.rope_factor < 1:
+      fail('model.rope_factor', self.rope_factor, 'a context-extension factor must be >= 1')
+    if self.rope_scaling != 'none':
+      if self.pos != 'rope':
+        fail('model.rope_scaling', self.rope_scaling, "needs model.pos='rope'")
+      if self.rope_original_length <= 0:
+        fail('model.rope_original_length', self.rope_original_length,
+             f'rope_scaling={self.rope_scaling!r} needs the training length it extends from (> 0)')
+    if self.yarn_beta_fast <= self.yarn_beta_slow:
+      fail('model.yarn_beta_fast', self.yarn_beta_fast,
+           f'must exceed model.yarn_beta_slow={self.yarn_beta_slow}')
+    check_range('model.dropout', self.dropout, 0.0, 1.0)
+    if self.pos_combine == 'concat' and self.pos_dim and self.pos_dim >= self.d_model:
+      fail('model.pos_dim', self.pos_dim, f'must be smaller than model.d_model={self.d_model}')
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+  @property
+  def rotary_dim(self) -> int:
+    return int(round(self.head_dim * self.rope_fraction))
+
+  @property
+  def hidden_dim(self) -> int:
+    return self.ffn_dim or 4 * self.d_model
+
+  @property
+  def concat_pos_dim(self) -> int:
+    return self.pos_dim or self.d_model // 4
+
+  def check_length(self, length: int, field: str = 'length') -> None:
+    """Fails before compilation when the model cannot serve ``length`` tokens."""
+    check_positive(field, length)
+    if self.pos == 'learned' and length > self.max_len:
+      fail(field, length, f'model.pos=learned has a table of model.max_len={self.max_len} '
+           'positions; raise model.max_len or evaluate at most that many tokens (JAX would '
+           'silently clamp the lookup)')
+
+
+def model_config(cfg: Mapping[str, Any] | None) -> ModelConfig:
+  """``ModelConfig`` from the ``model`` part of a ConfigDict."""
+  return from_mapping(ModelConfig, cfg, 'model')
