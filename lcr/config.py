@@ -201,3 +201,45 @@ class ModelConfig:
 def model_config(cfg: Mapping[str, Any] | None) -> ModelConfig:
   """``ModelConfig`` from the ``model`` part of a ConfigDict."""
   return from_mapping(ModelConfig, cfg, 'model')
+
+
+EVAL_PROTOCOLS = ('nonoverlapping', 'sliding')
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """What to evaluate a checkpoint on: lengths, protocols, RoPE scalings, passkey retrieval."""
+  lengths: tuple[int, ...] = ()          # absolute evaluation lengths; () = train length × multipliers
+  multipliers: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+  protocols: tuple[str, ...] = ('nonoverlapping',)
+  stride: int = 0                        # sliding protocol stride S; 0 = the training length
+  rope_scalings: tuple[str, ...] = ('none', 'linear', 'ntk', 'dynamic_ntk', 'yarn')
+  rope_factor: float = 0.0               # 0 = eval_len / train_len
+  split: str = 'validation'
+  max_tokens: int = 65536                # tokens scored per (length, protocol); bounds eval time
+  batch_size: int = 8                    # windows per forward pass at the training length
+  passkey: bool = False
+  passkey_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+  passkey_trials: int = 20
+
+  def __post_init__(self):
+    for i, length in enumerate(self.lengths):
+      check_positive(f'eval.lengths[{i}]', length)
+    for i, m in enumerate(self.multipliers):
+      check_positive(f'eval.multipliers[{i}]', m)
+    for p in self.protocols:
+      check_choice('eval.protocols', p, EVAL_PROTOCOLS)
+    for s in self.rope_scalings:
+      check_choice('eval.rope_scalings', s, ROPE_SCALINGS)
+    if self.stride < 0:
+      fail('eval.stride', self.stride, 'must be >= 0 (0 = the training length)')
+    if self.rope_factor and self.rope_factor < 1:
+      fail('eval.rope_factor', self.rope_factor, 'must be >= 1, or 0 for eval_len / train_len')
+    check_positive('eval.max_tokens', self.max_tokens)
+    check_positive('eval.batch_size', self.batch_size)
+    for d in self.passkey_depths:
+      check_range('eval.passkey_depths', d, 0.0, 1.0)
+    check_positive('eval.passkey_trials', self.passkey_trials)
+
+  def eval_lengths(self, train_len: int) -> tuple[int, ...]:
+    return self.lengths or tuple(train_len * m for m in self.multipliers)
