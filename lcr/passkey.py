@@ -1,0 +1,169 @@
+"""Passkey retrieval (Mohtashami & Jaggi 2023, "Landmark Attention", §4.2 and appendix prompt).
+
+A 5-digit key hidden at a controlled depth in repeated filler text; after the filler the model is
+asked for it. Scoring is teacher-forced: an example is correct when every answer token is the
+model's argmax given the correct prefix (for byte-level tokens: five digit checks), so no sampling
+is involved. ``mix_passkey`` replaces a fraction of training rows with such examples at the training
+length, so a small model learns the task there and "test long" measures extrapolation rather than
+ignorance of the task.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lcr.evaluate import ApplyFn, windows_per_batch
+
+
+class Tokenizer(Protocol):
+  def encode(self, text: str) -> Sequence[int]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class PasskeyFormat:
+  """The prompt's parts; ``needle`` holds ``{key}``; the answer is the key's digits after ``question``."""
+  intro: str
+  filler: str
+  needle: str
+  question: str
+
+
+_FILLER = 'The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. '
+FORMATS: dict[str, PasskeyFormat] = {
+    # The prompt of Mohtashami & Jaggi 2023 (appendix), as in their passkey_retrieval script.
+    'mj': PasskeyFormat(
+        intro=('There is an important info hidden inside a lot of irrelevant text. Find it and '
+               'memorize them. I will quiz you about the important information there. '),
+        filler=_FILLER,
+        needle='The pass key is {key}. Remember it. {key} is the pass key. ',
+        question='What is the pass key? The pass key is '),
+    # The same task in 43 bytes of prompt, for models trained on contexts of 64 bytes.
+    'compact': PasskeyFormat(intro='', filler=_FILLER, needle='The pass key is {key}. ',
+                             question='The pass key is '),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class PasskeyExample:
+  tokens: np.ndarray        # [length] int32: prompt then answer
+  answer_start: int         # index of the first answer token
+  key: int
+  depth: float
+
+
+def _encode(tokenizer: Tokenizer, text: str) -> np.ndarray:
+  return np.asarray(list(tokenizer.encode(text)), np.int32).reshape(-1)
+
+
+def make_example(tokenizer: Tokenizer, length: int, depth: float, key: int, fmt: str = 'mj',
+                 bos_id: int | None = None) -> PasskeyExample:
+  """A prompt of exactly ``length`` tokens with ``key`` after a fraction ``depth`` of the filler.
+
+  depth 0 puts the needle first (farthest from the question), depth 1 right before the question.
+  Filler is the repeated filler text cut to the tokens left over; ``bos_id`` starts the row.
+  """
+  if not 10_000 <= key <= 99_999:
+    raise ValueError(f'the pass key must have 5 digits, got {key}')
+  if not 0.0 <= depth <= 1.0:
+    raise ValueError(f'depth must be in [0, 1], got {depth}')
+  f = FORMATS[fmt]
+  head = ([np.asarray([bos_id], np.int32)] if bos_id is not None else []) + [_encode(tokenizer, f.intro)]
+  needle = _encode(tokenizer, f.needle.format(key=key))
+  tail = [_encode(tokenizer, f.question), _encode(tokenizer, str(key))]
+  fixed = sum(map(len, head + tail)) + len(needle)
+  n_fill = length - fixed
+  if n_fill < 0:
+    raise ValueError(f'a {fmt!r} passkey prompt needs at least {fixed} tokens, asked for {length}')
+  unit = _encode(tokenizer, f.filler)
+  filler = np.tile(unit, -(-n_fill // len(unit)))[:n_fill]
+  cut = int(round(depth * n_fill))
+  tokens = np.concatenate(head + [filler[:cut], needle, filler[cut:]] + tail)
+  return PasskeyExample(tokens, length - len(tail[1]), key, depth)
+
+
+def make_examples(tokenizer: Tokenizer, length: int, depths: Iterable[float], trials: int,
+                  seed: int = 0, fmt: str = 'mj', bos_id: int | None = None) -> list[PasskeyExample]:
+  """``trials`` examples per depth with random keys; the same seed gives every model the same keys."""
+  out = []
+  for i, depth in enumerate(depths):
+    rng = np.random.default_rng([seed, length, i])
+    out += [make_example(tokenizer, length, float(depth), int(k), fmt, bos_id)
+            for k in rng.integers(10_000, 100_000, size=trials)]
+  return out
+
+
+def answer_mask(examples: Sequence[PasskeyExample]) -> np.ndarray:
+  """[n, length − 1] bool over targets (target j is token j + 1): the answer tokens."""
+  n, length = len(examples), len(examples[0].tokens)
+  j = np.arange(length - 1)
+  starts = np.asarray([e.answer_start for e in examples])
+  return j[None, :] + 1 >= starts[:, None]
+
+
+def _argmax_fn(apply_fn: ApplyFn) -> Callable[..., tuple[jax.Array, jax.Array]]:
+  def fn(tokens_BxT, mask_BxT1):
+    positions = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1], dtype=jnp.int32), tokens_BxT.shape)
+    logits = apply_fn(tokens_BxT, positions, jnp.ones_like(tokens_BxT))
+    hit = jnp.argmax(logits[:, :-1], axis=-1) == tokens_BxT[:, 1:]
+    all_hit = jnp.all(jnp.where(mask_BxT1, hit, True), axis=-1)
+    digit_hits = jnp.sum(jnp.where(mask_BxT1, hit, False), axis=-1)
+    return all_hit, digit_hits
+  return jax.jit(fn)
+
+
+def score_examples(apply_fn: ApplyFn, examples: Sequence[PasskeyExample], *, batch_size: int = 8,
+                   train_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Teacher-forced scoring → (correct [n] bool: every answer token ranked first, digit hits [n])."""
+  length = len(examples[0].tokens)
+  if any(len(e.tokens) != length for e in examples):
+    raise ValueError('score examples of one length at a time')
+  tokens = np.stack([e.tokens for e in examples])
+  mask = answer_mask(examples)
+  batch = windows_per_batch(batch_size, train_len or length, length)
+  pad = -len(tokens) % batch
+  tokens = np.concatenate([tokens, np.repeat(tokens[:1], pad, axis=0)])
+  mask = np.concatenate([mask, np.repeat(mask[:1], pad, axis=0)])
+  fn = _argmax_fn(apply_fn)
+  outs = [fn(tokens[i:i + batch], mask[i:i + batch]) for i in range(0, len(tokens), batch)]
+  correct = np.concatenate([np.asarray(o[0]) for o in outs])[:len(examples)]
+  digits = np.concatenate([np.asarray(o[1]) for o in outs])[:len(examples)]
+  return correct, digits
+
+
+def passkey_accuracy(apply_fn: ApplyFn, tokenizer: Tokenizer, *, length: int,
+                     depths: Sequence[float], trials: int, seed: int = 0, fmt: str = 'mj',
+                     bos_id: int | None = None, batch_size: int = 8,
+                     train_len: int | None = None) -> list[dict[str, Any]]:
+  """One record per depth: depth, trials, correct, accuracy, digit_accuracy."""
+  examples = make_examples(tokenizer, length, depths, trials, seed, fmt, bos_id)
+  correct, digits = score_examples(apply_fn, examples, batch_size=batch_size, train_len=train_len)
+  answer_len = len(examples[0].tokens) - examples[0].answer_start
+  out = []
+  for i, depth in enumerate(depths):
+    c, d = correct[i * trials:(i + 1) * trials], digits[i * trials:(i + 1) * trials]
+    out.append(dict(depth=float(depth), trials=trials, correct=int(c.sum()),
+                    accuracy=float(c.mean()), digit_accuracy=float(d.sum() / (answer_len * trials))))
+  return out
+
+
+def mix_passkey(tokens_BxT: np.ndarray, rng: np.random.Generator, fraction: float,
+                tokenizer: Tokenizer, fmt: str = 'compact',
+                bos_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Replaces each row with a passkey example (random key and depth) with probability ``fraction``.
+
+  Returns (tokens, replaced [B] bool); a replaced row is one document that fills the whole row, so a
+  caller with positions / segment ids sets them to 0..T−1 / one segment on those rows.
+  """
+  tokens = np.array(tokens_BxT, copy=True)
+  replaced = rng.random(len(tokens)) < fraction
+  for row in np.flatnonzero(replaced):
+    example = make_example(tokenizer, tokens.shape[1], float(rng.random()),
+                           int(rng.integers(10_000, 100_000)), fmt, bos_id)
+    tokens[row] = example.tokens
+  return tokens, replaced

@@ -1,0 +1,176 @@
+"""Figures of the study, drawn from its result files alone (never from models or training).
+
+* ``extrapolation.png``: perplexity vs evaluation length, log-x, one line per variant and RoPE
+  scaling, a vertical line at the training length (the ALiBi paper's Figure 1); with several seeds
+  the line is the mean and a band spans min..max.
+* ``per_position.png``: loss by position in the window at the longest evaluation length.
+* ``passkey.png``: passkey accuracy heatmaps, context length × needle depth, one per variant.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from lcr import results
+from lcr.results import Row
+
+_STYLES = ('--', ':', '-.', (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)))
+_MARKERS = ('o', 's', '^', 'v', 'D', 'P', 'X', '*', 'h', '<', '>')
+
+
+def _style(label: str, variants: list[str]) -> dict:
+  """One colour per variant; a RoPE scaling keeps its variant's colour with its own dash and marker."""
+  variant, _, scaling = label.partition(' + ')
+  i = variants.index(variant) if variant in variants else len(variants)
+  style = dict(color=f'C{i % 10}', linestyle='-', marker=_MARKERS[i % len(_MARKERS)], markersize=4)
+  if scaling:
+    j = sorted(['linear', 'ntk', 'dynamic_ntk', 'yarn', scaling]).index(scaling)
+    style.update(linestyle=_STYLES[j % len(_STYLES)], marker=_MARKERS[(i + j + 3) % len(_MARKERS)])
+  return style
+
+
+def _variant_order(rows: Sequence[Row]) -> list[str]:
+  seen: dict[str, None] = {}
+  for r in rows:
+    seen.setdefault(r['variant'], None)
+  return list(seen)
+
+
+def extrapolation_figure(rows: Sequence[Row], value: str = 'ppl') -> Figure:
+  """One panel per protocol: ``value`` vs evaluation length, mean line and min..max band over seeds."""
+  groups = results.aggregate(rows, value)
+  protocols = sorted({p for p, _, _ in groups}, key=lambda p: (p != 'nonoverlapping', p))
+  fig = Figure(figsize=(6.4 * max(1, len(protocols)), 4.8), layout='constrained')
+  variants = _variant_order(rows)
+  multi_len = len({t for _, t, _ in groups}) > 1
+  for k, protocol in enumerate(protocols):
+    ax = fig.add_subplot(1, len(protocols), k + 1)
+    keys = sorted((key for key in groups if key[0] == protocol),
+                  key=lambda key: (key[1], variants.index(key[2].split(' + ')[0]), key[2]))
+    for _, train_len, label in keys:
+      by_len = groups[(protocol, train_len, label)]
+      xs = sorted(by_len)
+      ys = np.array([np.mean(by_len[n]) for n in xs])
+      name = f'{label} (L={train_len})' if multi_len else label
+      ax.plot(xs, ys, label=name, **_style(label, variants))
+      if any(len(by_len[n]) > 1 for n in xs):
+        ax.fill_between(xs, [min(by_len[n]) for n in xs], [max(by_len[n]) for n in xs],
+                        color=_style(label, variants)['color'], alpha=0.15, linewidth=0)
+    for train_len in sorted({t for p, t, _ in groups if p == protocol}):
+      ax.axvline(train_len, color='0.4', linewidth=1, linestyle=':', label=f'train length {train_len}')
+    ax.set_xscale('log', base=2)
+    ax.set_yscale('log')
+    ax.set_xlabel('evaluation length (tokens)')
+    ax.set_ylabel('perplexity' if value == 'ppl' else value)
+    stride = {r['stride'] for r in rows if r['protocol'] == protocol}
+    extra = f', stride {sorted(stride)[0]}' if protocol == 'sliding' and len(stride) == 1 else ''
+    ax.set_title(f'{protocol} windows{extra}')
+    ax.grid(True, which='both', alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+  return fig
+
+
+def _log_bins(values: np.ndarray, weights: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
+  """Weighted means of ``values`` over log-spaced bins of position + 1 → (bin centre, mean)."""
+  n = len(values)
+  edges = np.unique(np.round(np.geomspace(1, n + 1, bins + 1)).astype(int)) - 1
+  xs, ys = [], []
+  for lo, hi in zip(edges[:-1], edges[1:]):
+    w = weights[lo:hi]
+    if w.sum() > 0:
+      xs.append(np.sqrt(lo + 1) * np.sqrt(hi))
+      ys.append(np.sum(values[lo:hi] * w) / w.sum())
+  return np.asarray(xs), np.asarray(ys)
+
+
+def per_position_figure(rows: Sequence[Row], bins: int = 80) -> Figure:
+  """Loss vs position (log-x) at each series' longest evaluation length, averaged over seeds."""
+  fig = Figure(figsize=(7.2, 4.8), layout='constrained')
+  ax = fig.add_subplot()
+  variants = _variant_order(rows)
+  latest = {results.row_key(r): r for r in rows}.values()
+  longest: dict[tuple, int] = {}
+  for r in latest:
+    key = (r['protocol'], r['train_len'], results.series_label(r))
+    longest[key] = max(longest.get(key, 0), r['eval_len'])
+  protocols = {p for p, _, _ in longest}
+  protocol = 'nonoverlapping' if 'nonoverlapping' in protocols else min(protocols, default=None)
+  sums: dict[tuple, list] = defaultdict(lambda: [0.0, 0.0])
+  for r in latest:
+    key = (r['protocol'], r['train_len'], results.series_label(r))
+    if r['protocol'] == protocol and r['eval_len'] == longest[key]:
+      loss, count = np.nan_to_num(np.asarray(r['loss'], np.float64)), np.asarray(r['count'], np.float64)
+      sums[key][0] += loss * count
+      sums[key][1] += count
+  for (_, train_len, label), (total, count) in sorted(
+      sums.items(), key=lambda kv: (variants.index(kv[0][2].split(' + ')[0]), kv[0][2])):
+    with np.errstate(invalid='ignore', divide='ignore'):
+      mean = np.where(count > 0, total / np.maximum(count, 1), 0.0)
+    xs, ys = _log_bins(mean, count, bins)
+    ax.plot(xs, ys, label=label, **{**_style(label, variants), 'marker': None})
+  for train_len in sorted({t for _, t, _ in sums}):
+    ax.axvline(train_len, color='0.4', linewidth=1, linestyle=':', label=f'train length {train_len}')
+  ax.set_xscale('log', base=2)
+  ax.set_xlabel('position in the window (tokens)')
+  ax.set_ylabel('loss (nats/token)')
+  ax.set_title(f'loss per position, {protocol} windows at the longest length')
+  ax.grid(True, which='both', alpha=0.3)
+  ax.legend(fontsize=7, ncol=2)
+  return fig
+
+
+def passkey_figure(rows: Sequence[Row]) -> Figure:
+  """One heatmap per series: accuracy by context length (x) and needle depth (y), mean over seeds."""
+  latest = {results.row_key(r, results.PASSKEY_KEY_FIELDS): r for r in rows}.values()
+  variants = _variant_order(rows)
+  cells: dict[str, dict[tuple, list[float]]] = defaultdict(lambda: defaultdict(list))
+  for r in latest:
+    cells[results.series_label(r)][(r['eval_len'], r['depth'])].append(r['accuracy'])
+  labels = sorted(cells, key=lambda s: (variants.index(s.split(' + ')[0]), s))
+  cols = min(4, max(1, len(labels)))
+  nrows = -(-len(labels) // cols) if labels else 1
+  fig = Figure(figsize=(3.4 * cols + 1, 2.8 * nrows), layout='constrained')
+  axes = [fig.add_subplot(nrows, cols, i + 1) for i in range(max(1, len(labels)))]
+  image = None
+  for ax, label in zip(axes, labels):
+    lengths = sorted({n for n, _ in cells[label]})
+    depths = sorted({d for _, d in cells[label]})
+    grid = np.full((len(depths), len(lengths)), np.nan)
+    for (n, d), accs in cells[label].items():
+      grid[depths.index(d), lengths.index(n)] = np.mean(accs)
+    image = ax.imshow(grid, vmin=0, vmax=1, cmap='viridis', origin='lower', aspect='auto')
+    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7, rotation=45)
+    ax.set_yticks(range(len(depths)), [f'{d:g}' for d in depths], fontsize=7)
+    ax.set_title(label, fontsize=9)
+    ax.set_xlabel('context length', fontsize=8)
+    ax.set_ylabel('needle depth', fontsize=8)
+  if image is not None:
+    fig.colorbar(image, ax=axes, label='passkey accuracy')
+  return fig
+
+
+def draw_all(workdirs: Sequence[str], out_dir: str) -> dict[str, str]:
+  """Redraws every figure and summary.md from the result files of one or more study workdirs."""
+  def read(name):
+    return results.read_many(os.path.join(w, name) for w in workdirs)
+  os.makedirs(out_dir, exist_ok=True)
+  rows, per_position, passkey = read(results.RESULTS), read(results.PER_POSITION), read(results.PASSKEY)
+  written = {}
+  for name, rows_, make in (('extrapolation.png', rows, extrapolation_figure),
+                            ('per_position.png', per_position, per_position_figure),
+                            ('passkey.png', passkey, passkey_figure)):
+    if rows_:
+      path = os.path.join(out_dir, name)
+      make(rows_).savefig(path, dpi=120)
+      written[name] = path
+  if rows:
+    path = os.path.join(out_dir, 'summary.md')
+    with open(path, 'w') as f:
+      f.write(results.summary_markdown(rows, passkey))
+    written['summary.md'] = path
+  return written

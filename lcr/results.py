@@ -1,0 +1,159 @@
+"""The study's result files (JSON lines) and the perplexity summary table.
+
+``results.jsonl``: one row per (variant, seed, train_len, rope_scaling, protocol, stride, eval_len):
+  variant, pos, seed, rope_scaling, rope_factor, protocol, stride, train_len, eval_len,
+  loss (mean NLL, nats/token), ppl, bpb (bits per UTF-8 byte), tokens, bytes, split,
+  learned_positions (the policy for a learned table past train_len, null for other encodings).
+``per_position.jsonl``: the same key fields plus ``loss`` and ``count``, lists over window positions.
+``passkey.jsonl``: variant, pos, seed, rope_scaling, rope_factor, train_len, eval_len, depth, format,
+  trials, correct, accuracy, digit_accuracy.
+Rows are appended as each evaluation finishes, so an interrupted study resumes from the keys present.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+Row = dict[str, Any]
+RESULTS, PER_POSITION, PASSKEY = 'results.jsonl', 'per_position.jsonl', 'passkey.jsonl'
+RESULT_FIELDS = ('variant', 'pos', 'seed', 'rope_scaling', 'rope_factor', 'protocol', 'stride',
+                 'train_len', 'eval_len', 'loss', 'ppl', 'bpb', 'tokens', 'bytes', 'split',
+                 'learned_positions')
+KEY_FIELDS = ('variant', 'seed', 'train_len', 'rope_scaling', 'protocol', 'stride', 'eval_len')
+PASSKEY_KEY_FIELDS = ('variant', 'seed', 'train_len', 'rope_scaling', 'eval_len', 'depth')
+
+
+def append_rows(path: str, rows: Iterable[Row]) -> None:
+  """Appends rows as JSON lines and flushes them to disk."""
+  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  with open(path, 'a') as f:
+    for row in rows:
+      f.write(json.dumps(row, sort_keys=True) + '\n')
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def read_rows(path: str) -> list[Row]:
+  """Rows of a JSON-lines file ([] if missing); a torn last line from an interrupted write is skipped."""
+  if not os.path.exists(path):
+    return []
+  rows = []
+  with open(path) as f:
+    lines = f.read().splitlines()
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      if i != len(lines) - 1:
+        raise
+  return rows
+
+
+def read_many(paths: Iterable[str]) -> list[Row]:
+  return [row for p in paths for row in read_rows(p)]
+
+
+def row_key(row: Row, fields: Sequence[str] = KEY_FIELDS) -> tuple:
+  return tuple(row.get(f) for f in fields)
+
+
+def check_result_row(row: Row) -> None:
+  """Raises if a results.jsonl row lacks a field of the schema."""
+  missing = [f for f in RESULT_FIELDS if f not in row]
+  if missing:
+    raise ValueError(f'results row lacks {missing}: {row}')
+
+
+def series_label(row: Row) -> str:
+  """'alibi', 'rope', 'rope + yarn', ...: a variant, and for RoPE the evaluation-time scaling."""
+  scaling = row.get('rope_scaling', 'none')
+  return row['variant'] if scaling in (None, 'none') else f"{row['variant']} + {scaling}"
+
+
+def aggregate(rows: Iterable[Row], value: str = 'ppl') -> dict[tuple, dict[int, list[float]]]:
+  """{(protocol, train_len, label): {eval_len: [value per seed]}} (last row wins per key)."""
+  latest = {row_key(r): r for r in rows}
+  out: dict[tuple, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+  for r in latest.values():
+    out[(r['protocol'], r['train_len'], series_label(r))][r['eval_len']].append(float(r[value]))
+  return out
+
+
+def mean_spread(values: Sequence[float]) -> tuple[float, float]:
+  """Mean and sample standard deviation (0 for a single value)."""
+  v = np.asarray(values, np.float64)
+  return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def _fmt(values: Sequence[float], digits: int = 2) -> str:
+  if not values:
+    return ''
+  mean, spread = mean_spread(values)
+  if not math.isfinite(mean):
+    return 'inf'
+  text = f'{mean:.{digits}f}' if mean < 1e4 else f'{mean:.3g}'
+  return text + (f' ± {spread:.{digits}f}' if len(values) > 1 else '')
+
+
+def _ratios(by_len: dict[int, list[float]], train_len: int) -> dict[int, list[float]]:
+  base = by_len.get(train_len)
+  if not base:
+    return {}
+  b = float(np.mean(base))
+  return {n: [v / b for v in vs] for n, vs in by_len.items()}
+
+
+def _table(series: dict[str, dict[int, list[float]]], lengths: list[int], digits: int) -> list[str]:
+  lines = ['| model | ' + ' | '.join(str(n) for n in lengths) + ' |',
+           '|---|' + '---:|' * len(lengths)]
+  for label in sorted(series):
+    lines.append(f'| {label} | ' + ' | '.join(_fmt(series[label].get(n, []), digits)
+                                              for n in lengths) + ' |')
+  return lines
+
+
+def summary_markdown(rows: Sequence[Row], passkey_rows: Sequence[Row] = ()) -> str:
+  """Perplexity tables (rows = variants and RoPE scalings, columns = evaluation lengths)."""
+  out = ['# Train short, test long', '']
+  groups = aggregate(rows, 'ppl')
+  seeds = {r.get('seed') for r in rows}
+  note = f' (mean ± std over {len(seeds)} seeds)' if len(seeds) > 1 else ''
+  for protocol, train_len in sorted({(p, t) for p, t, _ in groups}):
+    series = {lab: v for (p, t, lab), v in groups.items() if (p, t) == (protocol, train_len)}
+    lengths = sorted({n for v in series.values() for n in v})
+    stride = {r['stride'] for r in rows if r['protocol'] == protocol and r['train_len'] == train_len}
+    extra = f', stride {sorted(stride)[0]}' if protocol == 'sliding' and len(stride) == 1 else ''
+    out += [f'## Perplexity, {protocol} windows{extra}, trained at L = {train_len}{note}', '']
+    out += _table(series, lengths, 2) + ['']
+    ratios = {lab: _ratios(v, train_len) for lab, v in series.items()}
+    out += [f'Perplexity relative to the same model at L = {train_len}:', '']
+    out += _table({k: v for k, v in ratios.items() if v}, lengths, 2) + ['']
+  if passkey_rows:
+    out += passkey_markdown(passkey_rows)
+  policies = {r.get('learned_positions') for r in rows} - {None}
+  if policies:
+    out += [f'Learned positions past L: {", ".join(sorted(policies))} '
+            '(see `learned_positions` in results.jsonl).', '']
+  return '\n'.join(out)
+
+
+def passkey_markdown(rows: Sequence[Row]) -> list[str]:
+  """Passkey accuracy averaged over depths: rows = variants, columns = context lengths."""
+  latest = {row_key(r, PASSKEY_KEY_FIELDS): r for r in rows}
+  acc: dict[str, dict[int, dict[Any, list[float]]]] = defaultdict(lambda: defaultdict(
+      lambda: defaultdict(list)))
+  for r in latest.values():
+    acc[series_label(r)][r['eval_len']][r.get('seed')].append(r['accuracy'])
+  series = {lab: {n: [float(np.mean(v)) for v in by_seed.values()] for n, by_seed in d.items()}
+            for lab, d in acc.items()}
+  lengths = sorted({n for v in series.values() for n in v})
+  return ['## Passkey retrieval accuracy (mean over depths)', ''] + _table(series, lengths, 2) + ['']

@@ -1,0 +1,174 @@
+"""Perplexity protocols, windowing, bits per byte and RoPE evaluation configs of lcr.evaluate."""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lcr import evaluate
+from lcr.config import ConfigError, ModelConfig
+from lcr.model import TransformerLM
+
+VOCAB = 11
+
+
+def _positional_apply(tokens, positions, segment_ids):
+  """Logits that depend on the input token and its position: z_v = sin(v·(x + 1)) + cos(v·p) / 2."""
+  v = jnp.arange(VOCAB, dtype=jnp.float32)[None, None]
+  x = tokens.astype(jnp.float32)[..., None]
+  p = positions.astype(jnp.float32)[..., None]
+  return jnp.sin(v * (x + 1)) + jnp.cos(v * p) / 2 + 0.0 * segment_ids[..., None]
+
+
+def _reference_logits(x, p):
+  v = np.arange(VOCAB, dtype=np.float64)
+  return np.sin(v * (x + 1)) + np.cos(v * p) / 2
+
+
+def _log_softmax(z):
+  z = z - z.max(-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def test_nonoverlapping_equals_hand_computed_nll_with_partial_window():
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, VOCAB, size=42).astype(np.int32)    # 41 targets: 5 windows of 8 + 1
+  stream = evaluate.make_stream(tokens)
+  scores = evaluate.score_stream(_positional_apply, stream, eval_len=8, batch_size=2, train_len=8)
+  nll = []
+  for j in range(41):   # target j = token j + 1, predicted at position j mod 8 of its window
+    logp = _log_softmax(_reference_logits(tokens[j], j % 8))
+    nll.append(-logp[tokens[j + 1]])
+  assert scores.tokens == 41
+  np.testing.assert_allclose(scores.nll, np.sum(nll), rtol=1e-5)
+  np.testing.assert_allclose(scores.ppl, math.exp(np.mean(nll)), rtol=1e-5)
+  np.testing.assert_array_equal(scores.position_count, [6] + [5] * 7)
+
+
+def test_bits_per_byte_uses_byte_lengths_of_scored_targets():
+  tokens = np.arange(21, dtype=np.int32) % VOCAB
+  byte_lengths = np.arange(VOCAB) % 3             # ids 0, 3, 6, 9 are zero-byte special tokens
+  scores = evaluate.score_stream(_positional_apply, evaluate.make_stream(tokens), eval_len=8,
+                                 byte_lengths=byte_lengths)
+  assert scores.bytes == int(byte_lengths[tokens[1:]].sum())
+  np.testing.assert_allclose(scores.bpb, scores.nll / math.log(2) / scores.bytes)
+
+
+@pytest.mark.parametrize('protocol,eval_len,stride,num_targets', [
+    ('nonoverlapping', 8, 0, 41), ('nonoverlapping', 16, 0, 5), ('sliding', 8, 3, 41),
+    ('sliding', 8, 8, 40), ('sliding', 8, 1, 20), ('sliding', 16, 4, 9), ('sliding', 8, 5, 13)])
+def test_every_target_scored_exactly_once(protocol, eval_len, stride, num_targets):
+  stream = evaluate.make_stream(np.arange(num_targets + 1, dtype=np.int32))
+  plan = evaluate.plan_windows(num_targets, eval_len, protocol, stride)
+  counts = np.zeros(num_targets + 1)
+  for b in evaluate.iterate_batches(stream, plan, eval_len, 3, num_targets):
+    np.add.at(counts, b['targets'], b['weights'])
+    # Each target's context is its own window: inputs are the stream tokens just before it.
+    np.testing.assert_array_equal(b['targets'][b['weights'] > 0], b['inputs'][b['weights'] > 0] + 1)
+  np.testing.assert_array_equal(counts[1:], 1.0)
+  assert counts[0] == 0
+  if protocol == 'sliding':  # every scored target after the first window has >= L - S + 1 inputs
+    for start, end, score_from in plan[1:]:
+      assert score_from - start >= eval_len - stride and end - start == eval_len
+
+
+def test_sliding_with_stride_equal_to_length_equals_nonoverlapping():
+  rng = np.random.default_rng(1)
+  stream = evaluate.make_stream(rng.integers(0, VOCAB, size=50).astype(np.int32))
+  a = evaluate.score_stream(_positional_apply, stream, eval_len=16, protocol='nonoverlapping')
+  b = evaluate.score_stream(_positional_apply, stream, eval_len=16, protocol='sliding', stride=16)
+  np.testing.assert_allclose(a.nll, b.nll, rtol=1e-6)
+  np.testing.assert_array_equal(a.position_count, b.position_count)
+
+
+def _tiny_model(pos='rope'):
+  cfg = ModelConfig(vocab_size=VOCAB, num_layers=1, d_model=16, num_heads=2, pos=pos, max_len=64)
+  model = TransformerLM(cfg)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
+  return jax.jit(model.apply), params
+
+
+def _forward(model_apply, params, window):
+  t = jnp.asarray(window[None], jnp.int32)
+  logits = model_apply(params, t, jnp.arange(len(window))[None], jnp.ones_like(t))
+  return _log_softmax(np.asarray(logits[0], np.float64))
+
+
+def test_tiny_transformer_nonoverlapping_matches_per_window_forward():
+  model, params = _tiny_model('alibi')
+  tokens = np.random.default_rng(2).integers(0, VOCAB, size=38).astype(np.int32)
+  apply_fn = lambda t, p, s: model(params, t, p, s)
+  scores = evaluate.score_stream(apply_fn, evaluate.make_stream(tokens), eval_len=16, batch_size=4,
+                                 train_len=8)
+  nll = []
+  for start in range(0, 37, 16):   # windows [0,16), [16,32), [32,37): the last one is partial
+    window = tokens[start:min(start + 16, 37) + 1]
+    logp = _forward(model, params, window[:-1])
+    nll += [-logp[i, window[i + 1]] for i in range(len(window) - 1)]
+  assert scores.tokens == 37
+  np.testing.assert_allclose(scores.loss, np.mean(nll), rtol=1e-5)
+  np.testing.assert_allclose(scores.ppl, math.exp(np.mean(nll)), rtol=1e-5)
+
+
+def test_tiny_transformer_sliding_stride_one_gives_every_target_full_context():
+  model, params = _tiny_model('rope')
+  tokens = np.random.default_rng(3).integers(0, VOCAB, size=20).astype(np.int32)
+  apply_fn = lambda t, p, s: model(params, t, p, s)
+  scores = evaluate.score_stream(apply_fn, evaluate.make_stream(tokens), eval_len=8,
+                                 protocol='sliding', stride=1, batch_size=4)
+  first = _forward(model, params, tokens[:8])
+  nll = [-first[j, tokens[j + 1]] for j in range(8)]
+  for j in range(8, 19):         # target j sees exactly the 8 tokens ending at j
+    nll.append(-_forward(model, params, tokens[j - 7:j + 1])[-1, tokens[j + 1]])
+  np.testing.assert_allclose(scores.nll, np.sum(nll), rtol=1e-5)
+
+
+def test_max_tokens_scores_a_prefix_of_at_least_one_window():
+  stream = evaluate.make_stream(np.arange(100, dtype=np.int32) % VOCAB)
+  assert evaluate.score_stream(_positional_apply, stream, eval_len=8, max_tokens=20).tokens == 20
+  assert evaluate.score_stream(_positional_apply, stream, eval_len=32, max_tokens=20).tokens == 32
+
+
+def test_documents_are_concatenated_with_separators_and_nothing_is_lost():
+  docs = [np.array([1, 2], np.int32), np.array([3], np.int32), np.array([4, 5, 6, 7], np.int32)]
+  stream = evaluate.make_stream(docs, separator=0)
+  np.testing.assert_array_equal(stream.tokens, [0, 1, 2, 0, 3, 0, 4, 5, 6, 7])
+  np.testing.assert_array_equal(stream.documents, [1, 1, 1, 2, 2, 3, 3, 3, 3, 3])
+  scores = evaluate.score_stream(_positional_apply, stream, eval_len=4)
+  assert scores.tokens == 9
+  # Without attention across documents, positions restart at each document start and each window.
+  plan = evaluate.plan_windows(9, 4, 'nonoverlapping')
+  batch = next(evaluate.iterate_batches(stream, plan, 4, 3, 9, attend_across_documents=False))
+  np.testing.assert_array_equal(batch['positions'][:3], [[0, 1, 2, 0], [0, 0, 1, 2], [0, 1, 2, 3]])
+  np.testing.assert_array_equal(batch['segment_ids'][:2], [[1, 1, 1, 2], [2, 3, 3, 3]])
+
+
+def test_max_position_clamps_positions_explicitly():
+  stream = evaluate.make_stream(np.arange(17, dtype=np.int32))
+  plan = evaluate.plan_windows(16, 16, 'nonoverlapping')
+  batch = next(evaluate.iterate_batches(stream, plan, 16, 1, 16, max_position=7))
+  np.testing.assert_array_equal(batch['positions'][0], np.minimum(np.arange(16), 7))
+
+
+def test_windows_per_batch_keeps_tokens_per_batch_bounded():
+  assert evaluate.windows_per_batch(8, 64, 64) == 8
+  assert evaluate.windows_per_batch(8, 64, 256) == 2
+  assert evaluate.windows_per_batch(8, 64, 2048) == 1
+
+
+def test_scaled_config_factor_and_identity_cases():
+  cfg = ModelConfig(pos='rope')
+  ntk = evaluate.scaled_config(cfg, 'ntk', 256, 64)
+  assert (ntk.rope_scaling, ntk.rope_factor, ntk.rope_original_length) == ('ntk', 4.0, 64)
+  assert evaluate.scaled_config(cfg, 'yarn', 256, 64, factor=8).rope_factor == 8.0
+  for scaling in ('none', 'linear', 'ntk', 'dynamic_ntk', 'yarn'):
+    assert evaluate.scaled_config(cfg, scaling, 64, 64) == cfg       # factor 1: nothing changes
+    assert evaluate.scaled_config(cfg, scaling, 32, 64) == cfg       # never a factor below 1
+  assert evaluate.scaled_config(cfg, 'linear', 64, 64, factor=2).rope_factor == 2.0
+  dyn = evaluate.scaled_config(cfg, 'dynamic_ntk', 128, 64)
+  assert dataclasses.replace(dyn, rope_scaling='none', rope_factor=1.0, rope_original_length=0) == cfg
+  with pytest.raises(ConfigError, match='rope_scalings'):
+    evaluate.scaled_config(ModelConfig(pos='alibi'), 'ntk', 128, 64)

@@ -1,0 +1,102 @@
+"""Passkey prompts, teacher-forced scoring and the training mix of lcr.passkey."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lcr import passkey
+
+VOCAB = 256
+
+
+class Bytes:
+  """UTF-8 bytes as token ids: one token per byte, as in the byte-level tokenizer."""
+
+  def encode(self, text):
+    return list(text.encode('utf-8'))
+
+  def decode(self, ids):
+    return bytes(int(i) for i in ids).decode('utf-8')
+
+
+def test_mj_prompt_text_and_depth():
+  tok = Bytes()
+  ex = passkey.make_example(tok, 400, 0.5, 12345, fmt='mj')
+  text = tok.decode(ex.tokens)
+  assert len(ex.tokens) == 400
+  assert text.startswith('There is an important info hidden inside a lot of irrelevant text.')
+  assert text.endswith('What is the pass key? The pass key is 12345')
+  assert tok.decode(ex.tokens[ex.answer_start:]) == '12345'
+  needle = 'The pass key is 12345. Remember it. 12345 is the pass key. '
+  intro = len(passkey.FORMATS['mj'].intro)
+  n_fill = 400 - intro - len(needle) - len('What is the pass key? The pass key is ') - 5
+  assert text.index(needle) == intro + round(0.5 * n_fill)
+  assert 'The grass is green. The sky is blue.' in text
+  first, last = (passkey.make_example(tok, 400, d, 12345) for d in (0.0, 1.0))
+  assert tok.decode(first.tokens).index(needle) == intro
+  assert tok.decode(last.tokens).endswith(needle + 'What is the pass key? The pass key is 12345')
+
+
+def test_prompt_too_long_for_length_is_an_error():
+  with pytest.raises(ValueError, match='needs at least'):
+    passkey.make_example(Bytes(), 64, 0.5, 12345, fmt='mj')
+  assert len(passkey.make_example(Bytes(), 64, 0.5, 12345, fmt='compact').tokens) == 64
+
+
+def test_same_seed_same_keys_for_every_model():
+  a = passkey.make_examples(Bytes(), 128, [0.0, 1.0], 3, seed=7, fmt='compact')
+  b = passkey.make_examples(Bytes(), 128, [0.0, 1.0], 3, seed=7, fmt='compact')
+  assert [e.key for e in a] == [e.key for e in b]
+  assert len({e.key for e in a}) > 1
+
+
+def _copy_apply(distance):
+  """A 'model' that predicts token t + 1 as the token ``distance - 1`` positions before t + 1."""
+  def apply_fn(tokens, positions, segment_ids):
+    src = jnp.clip(jnp.arange(tokens.shape[1]) + 1 - distance, 0, tokens.shape[1] - 1)
+    return jax.nn.one_hot(tokens[:, src], VOCAB) * 10.0
+  return apply_fn
+
+
+def test_scoring_on_planted_examples():
+  tok = Bytes()
+  examples = passkey.make_examples(tok, 128, [0.0, 1.0], 4, seed=0, fmt='compact')
+  # At depth 1 the key's digits sit exactly len(needle tail + question) + 5 before the answer's.
+  distance = len('. ') + len('The pass key is ') + 5
+  correct, digits = passkey.score_examples(_copy_apply(distance), examples, batch_size=3)
+  np.testing.assert_array_equal(correct, [False] * 4 + [True] * 4)
+  np.testing.assert_array_equal(digits[4:], 5)
+  assert np.all(digits[:4] < 5)
+  records = passkey.passkey_accuracy(_copy_apply(distance), tok, length=128, depths=[0.0, 1.0],
+                                     trials=4, fmt='compact')
+  assert [r['accuracy'] for r in records] == [0.0, 1.0]
+  assert records[1]['digit_accuracy'] == 1.0 and records[1]['correct'] == 4
+
+
+def test_one_wrong_digit_makes_the_example_wrong():
+  examples = passkey.make_examples(Bytes(), 96, [0.5], 2, fmt='compact')
+  answer_start = examples[0].answer_start
+
+  def oracle_but_one(tokens, positions, segment_ids):
+    nxt = jnp.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)
+    wrong = jnp.where(jnp.arange(tokens.shape[1]) == answer_start + 1, nxt + 1, nxt)  # 3rd digit
+    return jax.nn.one_hot(wrong, VOCAB)
+  correct, digits = passkey.score_examples(oracle_but_one, examples)
+  np.testing.assert_array_equal(correct, False)
+  np.testing.assert_array_equal(digits, 4)
+
+
+def test_mix_passkey_replaces_a_fraction_of_rows():
+  tok = Bytes()
+  batch = np.zeros((64, 64), np.int32)
+  mixed, replaced = passkey.mix_passkey(batch, np.random.default_rng(0), 0.25, tok, bos_id=1)
+  assert 5 < replaced.sum() < 30
+  np.testing.assert_array_equal(mixed[~replaced], 0)
+  for row in mixed[replaced]:
+    assert row[0] == 1
+    text = tok.decode(row[1:])
+    key = text[-5:]
+    assert key.isdigit() and f'The pass key is {key}. ' in text
+  none, replaced = passkey.mix_passkey(batch, np.random.default_rng(0), 0.0, tok)
+  assert not replaced.any() and np.array_equal(none, batch)
