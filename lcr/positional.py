@@ -54,7 +54,8 @@ def kind(cfg: ModelConfig) -> str:
 def sinusoidal(positions: jax.Array, dim: int) -> jax.Array:
   """Vaswani et al. 2017 §3.5: PE(p, 2i) = sin(p / 10000^(2i/d)), PE(p, 2i+1) = cos(same)."""
   inv = 1.0 / (10000.0 ** (np.arange(0, dim, 2, dtype=np.float32) / dim))          # [ceil(d/2)]
-  angles = positions.astype(jnp.float32)[..., None] * inv                             # [..., d/2]
+  positions = positions.astype(jnp.float32)[..., None]
+  angles = positions * inv.reshape((1,) * (positions.ndim - 1) + (-1,))               # [..., d/2]
   pe = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(*angles.shape[:-1], -1)
   return pe[..., :dim]
 
@@ -161,8 +162,9 @@ def rotate_half(x: jax.Array, positions: jax.Array, inv_freq, scale: jax.Array |
   rot = 2 * inv_freq.shape[-1]
   xf = x.astype(jnp.float32)
   x_rot, x_pass = xf[..., :rot], xf[..., rot:]
-  angles = positions.astype(jnp.float32)[:, :, None, None] * jnp.asarray(inv_freq, jnp.float32)
-  cos, sin = jnp.cos(angles) * scale, jnp.sin(angles) * scale        # [B, T, 1, R/2]
+  inv_freq = jnp.asarray(inv_freq, jnp.float32).reshape(1, 1, 1, -1)
+  angles = positions.astype(jnp.float32)[:, :, None, None] * inv_freq   # [B, T, 1, R/2]
+  cos, sin = jnp.cos(angles) * scale, jnp.sin(angles) * scale
   x1, x2 = x_rot[..., :rot // 2], x_rot[..., rot // 2:]
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return jnp.concatenate([rotated, x_pass], axis=-1).astype(x.dtype)
@@ -180,6 +182,7 @@ def _xpos_scale(cfg: ModelConfig, positions: jax.Array, centre: jax.Array, sign:
   ±T/2, so 65k-token inputs stay finite in float32.
   """
   log_zeta = jnp.log(jnp.asarray(xpos_zeta(cfg.rotary_dim, cfg.xpos_gamma), jnp.float32))
+  log_zeta = log_zeta.reshape(1, 1, 1, -1)
   n = (positions - centre).astype(jnp.float32)[:, :, None, None] / cfg.xpos_scale_base
   return jnp.exp(sign * n * log_zeta)
 
