@@ -218,9 +218,17 @@ class EvalConfig:
   split: str = 'validation'
   max_tokens: int = 65536                # tokens scored per (length, protocol); bounds eval time
   batch_size: int = 8                    # windows per forward pass at the training length
+  # True: documents are laid end to end and attention crosses their boundaries (the ALiBi paper's
+  # protocol); False: each document is its own segment and positions restart at its start.
+  attend_across_documents: bool = True
+  # A learned position table past train_len: 'untrained' evaluates the table's rows past L as they
+  # are (needs model.max_len >= the longest length); 'clamp' gives every position >= L row L - 1.
+  learned_positions: str = 'untrained'
   passkey: bool = False
   passkey_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
   passkey_trials: int = 20
+  passkey_format: str = 'mj'             # 'mj' (Mohtashami & Jaggi's prompt) | 'compact' (43 tokens)
+  passkey_lengths: tuple[int, ...] = ()  # () = the evaluation lengths
 
   def __post_init__(self):
     for i, length in enumerate(self.lengths):
@@ -240,6 +248,11 @@ class EvalConfig:
     for d in self.passkey_depths:
       check_range('eval.passkey_depths', d, 0.0, 1.0)
     check_positive('eval.passkey_trials', self.passkey_trials)
+    check_choice('eval.learned_positions', self.learned_positions, ('untrained', 'clamp'))
+    # The formats of lcr.passkey.FORMATS (tests/test_passkey.py checks that the two agree).
+    check_choice('eval.passkey_format', self.passkey_format, ('mj', 'compact'))
+    for i, length in enumerate(self.passkey_lengths):
+      check_positive(f'eval.passkey_lengths[{i}]', length)
 
   def eval_lengths(self, train_len: int) -> tuple[int, ...]:
     return self.lengths or tuple(train_len * m for m in self.multipliers)

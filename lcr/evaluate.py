@@ -31,14 +31,17 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lcr.config import ConfigError, ModelConfig
+from lcr import passkey as passkey_lib
+from lcr.config import ConfigError, EvalConfig, ModelConfig
+from lcr.model import TransformerLM
 
-ApplyFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+ApplyFn = passkey_lib.ApplyFn
 PROTOCOLS = ('nonoverlapping', 'sliding')
 
 
@@ -66,6 +69,15 @@ def make_stream(documents: Sequence[np.ndarray] | np.ndarray, separator: int | N
   if not pieces or sum(map(len, pieces)) < 2:
     raise ValueError('the evaluation stream needs at least 2 tokens (one target)')
   return Stream(np.concatenate(pieces), np.concatenate(owners))
+
+
+def stream_from_offsets(tokens: np.ndarray, doc_offsets: np.ndarray) -> Stream:
+  """A Stream of already concatenated documents, document i being tokens[offsets[i]:offsets[i+1]]."""
+  tokens = np.asarray(tokens, np.int32)
+  lengths = np.diff(np.asarray(doc_offsets, np.int64))
+  if lengths.sum() != len(tokens) or np.any(lengths < 0):
+    raise ValueError(f'doc_offsets do not partition {len(tokens)} tokens')
+  return Stream(tokens, np.repeat(np.arange(1, len(lengths) + 1, dtype=np.int32), lengths))
 
 
 def plan_windows(num_targets: int, eval_len: int, protocol: str, stride: int = 0) -> np.ndarray:
@@ -227,3 +239,100 @@ def scaled_config(model_cfg: ModelConfig, scaling: str, eval_len: int, train_len
 
 def effective_factor(model_cfg: ModelConfig) -> float:
   return model_cfg.rope_factor if model_cfg.rope_scaling != 'none' else 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# One trained model over the grid of lengths × protocols × RoPE scalings.
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """One perplexity evaluation of a trained model."""
+  rope_scaling: str
+  protocol: str
+  eval_len: int
+  stride: int        # sliding stride S; 0 for non-overlapping windows
+
+
+def plan_tasks(model_cfg: ModelConfig, eval_cfg: EvalConfig, train_len: int) -> list[Task]:
+  """Every (scaling, protocol, length) to evaluate; scalings other than 'none' for RoPE only."""
+  scalings = eval_cfg.rope_scalings if model_cfg.pos == 'rope' else ('none',)
+  tasks = []
+  for protocol in eval_cfg.protocols:
+    for scaling in scalings:
+      for n in eval_cfg.eval_lengths(train_len):
+        stride = min(eval_cfg.stride or train_len, n) if protocol == 'sliding' else 0
+        tasks.append(Task(scaling, protocol, n, stride))
+  return tasks
+
+
+def learned_position_limit(model_cfg: ModelConfig, eval_cfg: EvalConfig, train_len: int,
+                           eval_len: int) -> int | None:
+  """The clamp on positions that ``eval.learned_positions`` asks for (None = no clamp)."""
+  if model_cfg.pos != 'learned':
+    return None
+  if eval_len > model_cfg.max_len:
+    raise ConfigError(
+        f'evaluation length {eval_len} exceeds the learned table of model.max_len='
+        f'{model_cfg.max_len}; train with model.max_len >= the longest evaluation length (rows past '
+        f'train.seq_len stay untrained, eval.learned_positions={eval_cfg.learned_positions!r})')
+  return train_len - 1 if eval_cfg.learned_positions == 'clamp' else None
+
+
+class Evaluator:
+  """Evaluates one trained model; evaluations whose model configs coincide are computed once."""
+
+  def __init__(self, params: Any, model_cfg: ModelConfig, eval_cfg: EvalConfig, train_len: int):
+    self.params, self.model_cfg, self.eval_cfg, self.train_len = params, model_cfg, eval_cfg, train_len
+    self._compiled: dict[ModelConfig, Callable] = {}
+    self._done: dict[tuple, Scores] = {}
+
+  def config(self, scaling: str, eval_len: int) -> ModelConfig:
+    return scaled_config(self.model_cfg, scaling, eval_len, self.train_len, self.eval_cfg.rope_factor)
+
+  def apply_fn(self, cfg: ModelConfig) -> ApplyFn:
+    model = TransformerLM(cfg)
+    return lambda tokens, positions, segments: model.apply(
+        {'params': self.params}, tokens, positions, segments)
+
+  def perplexity(self, task: Task, stream: Stream, byte_lengths: np.ndarray | None) -> Scores:
+    cfg = self.config(task.rope_scaling, task.eval_len)
+    key = (cfg, task.protocol, task.eval_len, task.stride)
+    if key not in self._done:
+      if cfg not in self._compiled:
+        self._compiled[cfg] = nll_fn(self.apply_fn(cfg))
+      ec = self.eval_cfg
+      self._done[key] = score_stream(
+          self.apply_fn(cfg), stream, eval_len=task.eval_len, protocol=task.protocol,
+          stride=task.stride, max_tokens=ec.max_tokens, batch_size=ec.batch_size,
+          train_len=self.train_len, byte_lengths=byte_lengths,
+          attend_across_documents=ec.attend_across_documents,
+          max_position=learned_position_limit(self.model_cfg, ec, self.train_len, task.eval_len),
+          jitted=self._compiled[cfg])
+    return self._done[key]
+
+  def passkey(self, scaling: str, length: int, tokenizer: Any,
+              bos_id: int | None = None) -> list[dict[str, Any]]:
+    """Passkey records (one per depth) at context ``length`` under RoPE ``scaling``."""
+    ec = self.eval_cfg
+    cfg = self.config(scaling, length)
+    return passkey_lib.passkey_accuracy(
+        self.apply_fn(cfg), tokenizer, length=length, depths=ec.passkey_depths,
+        trials=ec.passkey_trials, fmt=ec.passkey_format, bos_id=bos_id,
+        batch_size=windows_per_batch(ec.batch_size, self.train_len, length),
+        max_position=learned_position_limit(self.model_cfg, ec, self.train_len, length))
+
+  def task_fields(self, task: Task) -> dict[str, Any]:
+    """The fields of a results.jsonl row that describe ``task`` (without the study's labels)."""
+    cfg = self.config(task.rope_scaling, task.eval_len)
+    return dict(
+        pos=self.model_cfg.pos, rope_scaling=task.rope_scaling, rope_factor=effective_factor(cfg),
+        protocol=task.protocol, stride=task.stride, train_len=self.train_len,
+        eval_len=task.eval_len,
+        learned_positions=self.eval_cfg.learned_positions if self.model_cfg.pos == 'learned' else None)
+
+
+def score_fields(scores: Scores) -> dict[str, Any]:
+  """The measured fields of a results.jsonl row."""
+  return dict(loss=scores.loss, ppl=scores.ppl, bpb=scores.bpb, tokens=scores.tokens,
+              bytes=scores.bytes)

@@ -11,6 +11,7 @@ ignorance of the task.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lcr.evaluate import ApplyFn, windows_per_batch
+ApplyFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]   # (tokens, positions, segments)
 
 
 class Tokenizer(Protocol):
@@ -106,9 +107,11 @@ def answer_mask(examples: Sequence[PasskeyExample]) -> np.ndarray:
   return j[None, :] + 1 >= starts[:, None]
 
 
-def _argmax_fn(apply_fn: ApplyFn) -> Callable[..., tuple[jax.Array, jax.Array]]:
+def _argmax_fn(apply_fn: ApplyFn, max_position: int | None) -> Callable[..., tuple[jax.Array, jax.Array]]:
   def fn(tokens_BxT, mask_BxT1):
     positions = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1], dtype=jnp.int32), tokens_BxT.shape)
+    if max_position is not None:
+      positions = jnp.minimum(positions, max_position)
     logits = apply_fn(tokens_BxT, positions, jnp.ones_like(tokens_BxT))
     hit = jnp.argmax(logits[:, :-1], axis=-1) == tokens_BxT[:, 1:]
     all_hit = jnp.all(jnp.where(mask_BxT1, hit, True), axis=-1)
@@ -118,18 +121,22 @@ def _argmax_fn(apply_fn: ApplyFn) -> Callable[..., tuple[jax.Array, jax.Array]]:
 
 
 def score_examples(apply_fn: ApplyFn, examples: Sequence[PasskeyExample], *, batch_size: int = 8,
-                   train_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """Teacher-forced scoring → (correct [n] bool: every answer token ranked first, digit hits [n])."""
+                   max_position: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Teacher-forced scoring → (correct [n] bool: every answer token ranked first, digit hits [n]).
+
+  ``batch_size`` examples go through each forward pass; ``max_position`` clamps positions (the
+  explicit policy for a learned table past its trained rows).
+  """
   length = len(examples[0].tokens)
   if any(len(e.tokens) != length for e in examples):
     raise ValueError('score examples of one length at a time')
   tokens = np.stack([e.tokens for e in examples])
   mask = answer_mask(examples)
-  batch = windows_per_batch(batch_size, train_len or length, length)
+  batch = batch_size
   pad = -len(tokens) % batch
   tokens = np.concatenate([tokens, np.repeat(tokens[:1], pad, axis=0)])
   mask = np.concatenate([mask, np.repeat(mask[:1], pad, axis=0)])
-  fn = _argmax_fn(apply_fn)
+  fn = _argmax_fn(apply_fn, max_position)
   outs = [fn(tokens[i:i + batch], mask[i:i + batch]) for i in range(0, len(tokens), batch)]
   correct = np.concatenate([np.asarray(o[0]) for o in outs])[:len(examples)]
   digits = np.concatenate([np.asarray(o[1]) for o in outs])[:len(examples)]
@@ -139,10 +146,11 @@ def score_examples(apply_fn: ApplyFn, examples: Sequence[PasskeyExample], *, bat
 def passkey_accuracy(apply_fn: ApplyFn, tokenizer: Tokenizer, *, length: int,
                      depths: Sequence[float], trials: int, seed: int = 0, fmt: str = 'mj',
                      bos_id: int | None = None, batch_size: int = 8,
-                     train_len: int | None = None) -> list[dict[str, Any]]:
+                     max_position: int | None = None) -> list[dict[str, Any]]:
   """One record per depth: depth, trials, correct, accuracy, digit_accuracy."""
   examples = make_examples(tokenizer, length, depths, trials, seed, fmt, bos_id)
-  correct, digits = score_examples(apply_fn, examples, batch_size=batch_size, train_len=train_len)
+  correct, digits = score_examples(apply_fn, examples, batch_size=batch_size,
+                                   max_position=max_position)
   answer_len = len(examples[0].tokens) - examples[0].answer_start
   out = []
   for i, depth in enumerate(depths):
@@ -157,8 +165,7 @@ def mix_passkey(tokens_BxT: np.ndarray, rng: np.random.Generator, fraction: floa
                 bos_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Replaces each row with a passkey example (random key and depth) with probability ``fraction``.
 
-  Returns (tokens, replaced [B] bool); a replaced row is one document that fills the whole row, so a
-  caller with positions / segment ids sets them to 0..T−1 / one segment on those rows.
+  Returns (tokens, replaced [B] bool); a replaced row is one document that fills the whole row.
   """
   tokens = np.array(tokens_BxT, copy=True)
   replaced = rng.random(len(tokens)) < fraction
@@ -167,3 +174,57 @@ def mix_passkey(tokens_BxT: np.ndarray, rng: np.random.Generator, fraction: floa
                            int(rng.integers(10_000, 100_000)), fmt, bos_id)
     tokens[row] = example.tokens
   return tokens, replaced
+
+
+def mix_passkey_batch(batch: dict[str, np.ndarray], rng: np.random.Generator, fraction: float,
+                      tokenizer: Tokenizer, fmt: str = 'compact',
+                      bos_id: int | None = None) -> dict[str, np.ndarray]:
+  """``mix_passkey`` on a training batch {inputs, targets, positions, segment_ids, weights} [B, T].
+
+  A replaced row holds one example of T + 1 tokens (inputs = its first T, targets = its last T),
+  positions 0..T−1, one segment and weight 1 on every target.
+  """
+  rows = np.concatenate([batch['inputs'], batch['targets'][:, -1:]], axis=1)
+  rows, replaced = mix_passkey(rows, rng, fraction, tokenizer, fmt, bos_id)
+  out = dict(batch)
+  t = batch['inputs'].shape[1]
+  out['inputs'] = np.where(replaced[:, None], rows[:, :-1], batch['inputs']).astype(batch['inputs'].dtype)
+  out['targets'] = np.where(replaced[:, None], rows[:, 1:], batch['targets']).astype(batch['targets'].dtype)
+  fills = {'positions': np.arange(t), 'segment_ids': 1, 'weights': 1}
+  for name, value in fills.items():
+    if name in batch:
+      out[name] = np.where(replaced[:, None], value, batch[name]).astype(batch[name].dtype)
+  return out
+
+
+class PasskeyMix:
+  """A training iterator whose batches carry passkey rows (``mix_passkey_batch``).
+
+  Which rows are replaced, and by what, is drawn from a generator seeded with the batch's own
+  tokens and ``seed``, so the wrapper has no state: it checkpoints and resumes through the wrapped
+  iterator's ``get_state``/``set_state`` and a resumed run sees exactly the same batches.
+  """
+
+  def __init__(self, iterator, tokenizer: Tokenizer, fraction: float, *, fmt: str = 'compact',
+               bos_id: int | None = None, seed: int = 0):
+    self.iterator, self.tokenizer, self.fraction = iterator, tokenizer, fraction
+    self.fmt, self.bos_id, self.seed = fmt, bos_id, seed
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = next(self.iterator)
+    digest = np.frombuffer(hashlib.sha256(np.ascontiguousarray(batch['inputs']).tobytes()).digest(),
+                           np.uint32)
+    rng = np.random.default_rng([self.seed, *digest.tolist()])
+    return mix_passkey_batch(batch, rng, self.fraction, self.tokenizer, self.fmt, self.bos_id)
+
+  def get_state(self):
+    return self.iterator.get_state()
+
+  def set_state(self, state) -> None:
+    self.iterator.set_state(state)
+
+  def __getattr__(self, name):   # e.g. start_prefetch, close
+    return getattr(self.iterator, name)

@@ -12,6 +12,7 @@ Rows are appended as each evaluation finishes, so an interrupted study resumes f
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -31,13 +32,17 @@ PASSKEY_KEY_FIELDS = ('variant', 'seed', 'train_len', 'rope_scaling', 'eval_len'
 
 
 def append_rows(path: str, rows: Iterable[Row]) -> None:
-  """Appends rows as JSON lines and flushes them to disk."""
+  """Appends rows as JSON lines under an exclusive lock and flushes them to disk."""
   os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  text = ''.join(json.dumps(row, sort_keys=True) + '\n' for row in rows)
   with open(path, 'a') as f:
-    for row in rows:
-      f.write(json.dumps(row, sort_keys=True) + '\n')
-    f.flush()
-    os.fsync(f.fileno())
+    fcntl.flock(f, fcntl.LOCK_EX)   # worker processes of one study append to the same files
+    try:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def read_rows(path: str) -> list[Row]:

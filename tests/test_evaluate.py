@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lcr import evaluate
-from lcr.config import ConfigError, ModelConfig
+from lcr.config import ConfigError, EvalConfig, ModelConfig
 from lcr.model import TransformerLM
 
 VOCAB = 11
@@ -172,3 +172,33 @@ def test_scaled_config_factor_and_identity_cases():
   assert dataclasses.replace(dyn, rope_scaling='none', rope_factor=1.0, rope_original_length=0) == cfg
   with pytest.raises(ConfigError, match='rope_scalings'):
     evaluate.scaled_config(ModelConfig(pos='alibi'), 'ntk', 128, 64)
+
+
+def test_learned_position_policy_is_explicit():
+  cfg = ModelConfig(pos='learned', max_len=256)
+  assert evaluate.learned_position_limit(cfg, EvalConfig(learned_positions='clamp'), 64, 256) == 63
+  assert evaluate.learned_position_limit(cfg, EvalConfig(), 64, 256) is None
+  assert evaluate.learned_position_limit(ModelConfig(pos='alibi'), EvalConfig(), 64, 4096) is None
+  with pytest.raises(ConfigError, match='model.max_len=256'):
+    evaluate.learned_position_limit(cfg, EvalConfig(), 64, 512)
+
+
+def test_evaluator_plans_scalings_for_rope_only_and_reuses_identical_configs():
+  eval_cfg = EvalConfig(multipliers=(1, 2), protocols=('nonoverlapping', 'sliding'),
+                        rope_scalings=('none', 'ntk'), max_tokens=32, batch_size=2)
+  rope_tasks = evaluate.plan_tasks(ModelConfig(pos='rope'), eval_cfg, 8)
+  assert len(rope_tasks) == 2 * 2 * 2
+  assert {t.stride for t in rope_tasks if t.protocol == 'sliding'} == {8}
+  assert len(evaluate.plan_tasks(ModelConfig(pos='alibi'), eval_cfg, 8)) == 2 * 2
+  model, params = _tiny_model('rope')
+  cfg = ModelConfig(vocab_size=VOCAB, num_layers=1, d_model=16, num_heads=2, pos='rope', max_len=64)
+  evaluator = evaluate.Evaluator(params['params'], cfg, eval_cfg, 8)
+  stream = evaluate.make_stream(np.arange(60, dtype=np.int32) % VOCAB)
+  at_l = [evaluator.perplexity(evaluate.Task(s, 'nonoverlapping', 8, 0), stream, None)
+          for s in ('none', 'ntk')]
+  assert at_l[0] is at_l[1]                               # factor 1: computed once
+  at_2l = [evaluator.perplexity(evaluate.Task(s, 'nonoverlapping', 16, 0), stream, None)
+           for s in ('none', 'ntk')]
+  assert at_2l[0].nll != at_2l[1].nll
+  fields = evaluator.task_fields(evaluate.Task('ntk', 'nonoverlapping', 16, 0))
+  assert fields['rope_factor'] == 2.0 and fields['learned_positions'] is None

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from lcr import passkey
+from lcr.config import ConfigError, EvalConfig
 
 VOCAB = 256
 
@@ -100,3 +101,53 @@ def test_mix_passkey_replaces_a_fraction_of_rows():
     assert key.isdigit() and f'The pass key is {key}. ' in text
   none, replaced = passkey.mix_passkey(batch, np.random.default_rng(0), 0.0, tok)
   assert not replaced.any() and np.array_equal(none, batch)
+
+
+def test_config_formats_agree_with_the_registry():
+  for fmt in passkey.FORMATS:
+    assert EvalConfig(passkey_format=fmt).passkey_format == fmt
+  with pytest.raises(ConfigError, match='eval.passkey_format'):
+    EvalConfig(passkey_format='other')
+
+
+class _Rows:
+  """A checkpointable iterator of training batches, like the grain one."""
+
+  def __init__(self):
+    self.i = 0
+
+  def __next__(self):
+    self.i += 1
+    rng = np.random.default_rng(self.i)
+    inputs = rng.integers(3, VOCAB, size=(16, 63)).astype(np.int32)
+    return dict(inputs=inputs, targets=np.roll(inputs, -1, axis=1),
+                positions=np.tile(np.arange(63) % 20, (16, 1)).astype(np.int32),
+                segment_ids=np.tile(np.arange(63) // 20 + 1, (16, 1)).astype(np.int32),
+                weights=np.ones((16, 63), np.float32))
+
+  def get_state(self):
+    return {'i': self.i}
+
+  def set_state(self, state):
+    self.i = state['i']
+
+
+def test_passkey_mix_iterator_is_deterministic_and_resumable():
+  tok = Bytes()
+  mixed = passkey.PasskeyMix(_Rows(), tok, 0.5, bos_id=1, seed=3)
+  first = next(mixed)
+  state = mixed.get_state()
+  second = next(mixed)
+  mixed.set_state(state)
+  np.testing.assert_array_equal(next(mixed)['inputs'], second['inputs'])
+  replaced = first['segment_ids'][:, -1] == 1          # one document spans the whole row
+  assert 0 < replaced.sum() < 16
+  for i in np.flatnonzero(replaced):
+    row = np.concatenate([first['inputs'][i], first['targets'][i, -1:]])
+    np.testing.assert_array_equal(first['targets'][i, :-1], first['inputs'][i, 1:])
+    text = tok.decode(row[1:])
+    assert row[0] == 1 and text[-5:].isdigit() and f'The pass key is {text[-5:]}. ' in text
+    np.testing.assert_array_equal(first['positions'][i], np.arange(63))
+    assert first['weights'][i].min() == 1
+  again = passkey.PasskeyMix(_Rows(), tok, 0.5, bos_id=1, seed=3)
+  np.testing.assert_array_equal(next(again)['inputs'], first['inputs'])
