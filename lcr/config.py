@@ -256,3 +256,145 @@ class EvalConfig:
 
   def eval_lengths(self, train_len: int) -> tuple[int, ...]:
     return self.lengths or tuple(train_len * m for m in self.multipliers)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training, device mesh and the top-level config.
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Optimisation, logging, evaluation and checkpoint cadence (step counts are optimizer steps)."""
+  steps: int = 1000
+  batch_size: int = 32             # global batch (sequences per step, summed over all hosts)
+  seq_len: int = 256               # training length T
+  lr: float = 3e-4                 # peak learning rate, reached after the warmup
+  warmup_steps: int = 100          # linear warmup from 0
+  min_lr_ratio: float = 0.1        # cosine decay ends at lr * min_lr_ratio
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.1        # AdamW (Loshchilov & Hutter 2019); never on norms or biases
+  grad_clip: float = 1.0           # clip by global norm; 0 = off
+  log_every: int = 50
+  eval_every: int = 500            # validation loss at seq_len; 0 = only after the last step
+  eval_batches: int = 8            # validation batches of batch_size per evaluation
+  checkpoint_every: int = 500      # 0 = only after the last step (and on SIGTERM)
+  keep_checkpoints: int = 3        # the last K checkpoints are kept
+  tensorboard: bool = True         # also write TensorBoard event files to workdir/tensorboard
+
+  def __post_init__(self):
+    for name in ('steps', 'batch_size', 'seq_len', 'lr', 'log_every', 'eval_batches',
+                 'keep_checkpoints', 'eps'):
+      check_positive(f'train.{name}', getattr(self, name))
+    for name in ('warmup_steps', 'eval_every', 'checkpoint_every', 'weight_decay', 'grad_clip'):
+      if getattr(self, name) < 0:
+        fail(f'train.{name}', getattr(self, name), 'must be >= 0')
+    check_range('train.min_lr_ratio', self.min_lr_ratio, 0.0, 1.0)
+    check_range('train.b1', self.b1, 0.0, 1.0)
+    check_range('train.b2', self.b2, 0.0, 1.0)
+
+
+MeshRule = tuple[str, Any]   # (logical axis name, mesh axis | tuple of mesh axes | None)
+
+DEFAULT_RULES: tuple[MeshRule, ...] = (
+    ('batch', ('data', 'fsdp')),
+    ('embed', 'fsdp'),
+    ('heads', 'tensor'),
+    ('kv_heads', 'tensor'),
+    ('mlp', 'tensor'),
+    ('vocab', 'tensor'),
+    ('length', None),
+    ('kv', None),
+    ('layers', None),
+)
+
+
+def _rule(value: Any) -> MeshRule:
+  name, axes = value
+  return name, tuple(axes) if isinstance(axes, (list, tuple)) else axes
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """The device mesh: one size per named axis (one size may be -1 = the remaining devices).
+
+  ``rules`` map the model's logical axis names onto mesh axes, in order of precedence (flax
+  ``logical_to_mesh``); a logical axis no rule names is replicated.
+  """
+  axes: tuple[str, ...] = ('data', 'fsdp', 'tensor')
+  shape: tuple[int, ...] = (-1, 1, 1)
+  rules: tuple[MeshRule, ...] = DEFAULT_RULES
+
+  def __post_init__(self):
+    try:
+      rules = tuple(_rule(r) for r in self.rules)
+    except (TypeError, ValueError):
+      fail('mesh.rules', self.rules, "expected pairs (logical_axis, mesh_axes), e.g. "
+           "(('batch', ('data', 'fsdp')), ('embed', 'fsdp'))")
+    object.__setattr__(self, 'rules', rules)
+    object.__setattr__(self, 'axes', tuple(self.axes))
+    object.__setattr__(self, 'shape', tuple(self.shape))
+    if len(set(self.axes)) != len(self.axes) or not all(isinstance(a, str) for a in self.axes):
+      fail('mesh.axes', self.axes, 'expected distinct axis names')
+    if len(self.shape) != len(self.axes):
+      fail('mesh.shape', self.shape, f'needs one size per axis of mesh.axes={self.axes}')
+    if any(not isinstance(s, int) or (s < 1 and s != -1) for s in self.shape):
+      fail('mesh.shape', self.shape, 'sizes must be positive integers, or -1 for one axis')
+    if list(self.shape).count(-1) > 1:
+      fail('mesh.shape', self.shape, 'at most one size may be -1 (the remaining devices)')
+    for name, axes in rules:
+      for axis in (axes if isinstance(axes, tuple) else (axes,)):
+        if axis is not None and axis not in self.axes:
+          fail('mesh.rules', (name, axes), f'names mesh axis {axis!r}, not one of {self.axes}')
+
+  def axes_of(self, logical: str) -> tuple[str, ...]:
+    """The mesh axes the first rule for ``logical`` maps it to (() = replicated)."""
+    for name, axes in self.rules:
+      if name == logical:
+        return () if axes is None else axes if isinstance(axes, tuple) else (axes,)
+    return ()
+
+
+def _default_data_config():
+  from lcr.data.config import DataConfig  # the data room imports this module: import lazily
+  return DataConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Everything one run needs; ``from_config_dict`` builds it from an ml_collections file."""
+  seed: int = 0
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  data: 'DataConfig' = dataclasses.field(default_factory=_default_data_config)  # noqa: F821
+  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+  eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+  def __post_init__(self):
+    if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+      fail('seed', self.seed, 'expected an integer')
+    self.model.check_length(self.train.seq_len, 'train.seq_len')
+
+
+def _data_config(values: Mapping[str, Any] | None):
+  from lcr.data import config as data_config  # the data room imports this module: import lazily
+  return from_mapping(data_config.DataConfig, values, 'data')
+
+
+_SECTIONS = {'model': model_config, 'data': _data_config,
+             'train': lambda v: from_mapping(TrainConfig, v, 'train'),
+             'eval': lambda v: from_mapping(EvalConfig, v, 'eval'),
+             'mesh': lambda v: from_mapping(MeshConfig, v, 'mesh')}
+
+
+def from_config_dict(config_dict: Mapping[str, Any]) -> Config:
+  """The validated :class:`Config` of a ConfigDict (or a plain nested dict, e.g. config.json)."""
+  values = dict(config_dict.items())
+  known = {'seed', *_SECTIONS}
+  unknown = sorted(set(values) - known)
+  if unknown:
+    raise ConfigError(f'config field {unknown[0]} does not exist; top-level fields are: '
+                      f'{", ".join(sorted(known))}')
+  seed = _coerce('seed', values.get('seed', 0), int)
+  return Config(seed=seed, **{name: build(values.get(name)) for name, build in _SECTIONS.items()})

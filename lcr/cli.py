@@ -1,0 +1,116 @@
+"""Config files and ``--config.a.b=value`` overrides for entry points, with one-line errors.
+
+``load('configs/lm.py:smoke', ['train.steps=5'])`` imports the file, calls ``get_config('smoke')``
+(``get_config()`` without a preset), applies the overrides and returns the validated Config. Every
+mistake (missing file, unknown preset, a field that does not exist, a value of the wrong type)
+is a ConfigError that names it.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+
+from lcr.config import Config, ConfigError, from_config_dict
+
+_TRUE, _FALSE = ('true', '1', 'yes'), ('false', '0', 'no')
+
+
+def split_override_args(argv: Sequence[str], flag: str = 'config') -> tuple[list[str], list[str]]:
+  """Separates ``--config.a.b=v`` (or ``--config.a.b v``) arguments: (other args, ['a.b=v', ...])."""
+  rest, overrides, args = [], [], list(argv)
+  prefix = f'--{flag}.'
+  while args:
+    arg = args.pop(0)
+    if arg.startswith(prefix):
+      body = arg[len(prefix):]
+      if '=' not in body:
+        if not args:
+          raise ConfigError(f'{arg} needs a value: {arg}=VALUE')
+        body = f'{body}={args.pop(0)}'
+      overrides.append(body)
+    else:
+      rest.append(arg)
+  return rest, overrides
+
+
+def load_config_dict(spec: str) -> ml_collections.ConfigDict:
+  """``get_config([preset])`` of the file named by ``spec`` = 'path/to/file.py[:preset]'."""
+  path, _, preset = spec.partition(':') if not spec.endswith('.py') else (spec, '', '')
+  if not os.path.isfile(path):
+    raise ConfigError(f'--config={spec}: no such config file {path!r} (e.g. configs/lm.py:smoke)')
+  module_spec = importlib.util.spec_from_file_location(
+      f'lcr_config_file_{abs(hash(os.path.abspath(path)))}', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, 'get_config'):
+    raise ConfigError(f'--config={spec}: {path} defines no get_config()')
+  try:
+    return module.get_config(preset) if preset else module.get_config()
+  except (ValueError, KeyError) as err:
+    raise ConfigError(f'--config={spec}: {err}') from err
+
+
+def apply_override(cd: ml_collections.ConfigDict, override: str) -> None:
+  """Sets ``a.b=value`` in ``cd``; the value is parsed to the type the field already has."""
+  field, sep, text = override.partition('=')
+  if not sep or not field:
+    raise ConfigError(f'--config.{override}: expected --config.FIELD=VALUE')
+  parts = field.split('.')
+  parent = cd
+  for i, part in enumerate(parts):
+    if not isinstance(parent, ml_collections.ConfigDict) or part not in parent:
+      where = '.'.join(parts[:i]) or 'the config'
+      if not isinstance(parent, ml_collections.ConfigDict):
+        raise ConfigError(f'config field {field} does not exist (--config.{override}): {where} is '
+                          'a value, not a section')
+      raise ConfigError(f'config field {field} does not exist (--config.{override}); fields of '
+                        f'{where} are: {", ".join(sorted(parent.keys()))}')
+    if i < len(parts) - 1:
+      parent = parent[part]
+  name = parts[-1]
+  value = _parse(field, text, parent[name])
+  with parent.unlocked():
+    parent[name] = value
+
+
+def _parse(field: str, text: str, current: Any) -> Any:
+  if isinstance(current, str):
+    return text
+  if isinstance(current, bool):
+    if text.lower() in _TRUE + _FALSE:
+      return text.lower() in _TRUE
+    raise ConfigError(f'config field {field}={text!r} is invalid: expected true or false')
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    if current is None:
+      return text
+    raise ConfigError(f'config field {field}={text!r} is invalid: expected {_kind(current)}') from None
+  if isinstance(current, tuple):
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+  if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if isinstance(current, int) and isinstance(value, float) and value.is_integer():
+    return int(value)
+  if current is not None and not isinstance(value, type(current)):
+    raise ConfigError(f'config field {field}={text!r} is invalid: expected {_kind(current)}')
+  return value
+
+
+def _kind(current: Any) -> str:
+  kinds = {int: 'an integer', float: 'a number', tuple: 'a tuple'}
+  return f'{kinds.get(type(current), type(current).__name__)}, like {current!r}'
+
+
+def load(spec: str, overrides: Sequence[str] = ()) -> Config:
+  """The validated Config of a config file, preset and overrides."""
+  cd = load_config_dict(spec)
+  for override in overrides:
+    apply_override(cd, override)
+  return from_config_dict(cd)

@@ -1,0 +1,156 @@
+"""Train state, its sharded initialisation, and the jitted train and evaluation steps."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from lcr import losses, optim, sharding
+from lcr.config import Config
+from lcr.model import TransformerLM
+
+# Flax collection in which a module reports auxiliary losses (``self.sow(AUX_LOSSES, name, v)``);
+# the trainer adds the sum of everything sown there to the token cross-entropy.
+AUX_LOSSES = 'losses'
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a checkpoint must hold to continue training bit for bit (besides the data)."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+  """The compiled pieces of one run: model, optimizer, mesh, shardings and jitted steps."""
+  config: Config
+  model: TransformerLM
+  tx: optax.GradientTransformation
+  mesh: Mesh
+  state_sharding: Any
+  batch_sharding: NamedSharding
+  num_params: int
+  train_step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
+  eval_step: Callable[[Any, Batch], Metrics]
+  init: Callable[[jax.Array], TrainState]
+
+  def init_state(self) -> TrainState:
+    """Fresh parameters and optimizer state from config.seed, created directly in their shards."""
+    return self.init(jax.random.key(self.config.seed))
+
+  def abstract_state(self) -> TrainState:
+    """Shapes, dtypes and shardings of the state without allocating it (restore target)."""
+    shapes = jax.eval_shape(self.init, jax.random.key(self.config.seed))
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, self.state_sharding)
+
+
+def _init_state(model: TransformerLM, tx: optax.GradientTransformation, seq_len: int,
+                rng: jax.Array) -> TrainState:
+  params = nn.meta.unbox(_init_params(model, rng, seq_len))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def _init_params(model: TransformerLM, rng: jax.Array, seq_len: int) -> Any:
+  tokens = jnp.zeros((1, seq_len), jnp.int32)
+  return model.init(rng, tokens, jnp.zeros_like(tokens), jnp.ones_like(tokens))['params']
+
+
+def abstract_params(model: TransformerLM, seq_len: int) -> Any:
+  """Shapes and dtypes of the model's parameters, without allocating them."""
+  return nn.meta.unbox(jax.eval_shape(lambda r: _init_params(model, r, seq_len), jax.random.key(0)))
+
+
+def param_shardings(model: TransformerLM, seq_len: int, mesh: Mesh, config: Config) -> tuple[Any, Any]:
+  """(abstract boxed params, NamedShardings from their logical axes and config.mesh.rules)."""
+  boxed = jax.eval_shape(lambda r: _init_params(model, r, seq_len), jax.random.key(0))
+  return boxed, sharding.logical_shardings(boxed, mesh, config.mesh)
+
+
+def forward(model: TransformerLM, params: Any, batch: Batch, *, rng: jax.Array | None = None):
+  """(logits [B, T, V] float32, sum of auxiliary losses the model sowed)."""
+  deterministic = rng is None
+  logits, aux = model.apply({'params': params}, batch['inputs'], batch['positions'],
+                            batch['segment_ids'], deterministic=deterministic,
+                            rngs=None if deterministic else {'dropout': rng}, mutable=[AUX_LOSSES])
+  aux_loss = sum((jnp.sum(x) for x in jax.tree.leaves(aux)), jnp.zeros((), jnp.float32))
+  return logits, aux_loss
+
+
+def make_train_step(model: TransformerLM, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, seed: int):
+  """One optimizer step on a global batch; the metrics are means over its non-padding tokens."""
+  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    rng = jax.random.fold_in(jax.random.key(seed), state.step)   # dropout: same on resume
+
+    def loss_fn(params):
+      logits, aux_loss = forward(model, params, batch, rng=rng)
+      sum_loss, sum_weights = losses.cross_entropy(logits, batch['targets'], batch['weights'])
+      ce = sum_loss / jnp.maximum(sum_weights, 1.0)
+      return ce + aux_loss, (ce, aux_loss, sum_weights)
+
+    (_, (ce, aux_loss, tokens)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                           opt_state=opt_state)
+    metrics = {'loss': ce, 'aux_loss': aux_loss, 'grad_norm': optax.tree.norm(grads),
+               'lr': schedule(state.step), 'train_tokens': tokens}
+    return new_state, metrics
+  return train_step
+
+
+def make_eval_step(model: TransformerLM):
+  def eval_step(params: Any, batch: Batch) -> Metrics:
+    logits, _ = forward(model, params, batch)
+    sum_loss, sum_weights = losses.cross_entropy(logits, batch['targets'], batch['weights'])
+    return {'sum_loss': sum_loss, 'sum_weights': sum_weights}
+  return eval_step
+
+
+@functools.lru_cache(maxsize=4)
+def make_trainer(config: Config, mesh: Mesh | None = None) -> Trainer:
+  """Builds the mesh (checking it and the batch against the devices) and jits the steps.
+
+  Cached: training the same config again in this process (resuming, re-evaluating) reuses the
+  compiled steps.
+  """
+  mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
+  sharding.check_batch(mesh, config.mesh, config.train.batch_size)
+  model = TransformerLM(config.model)
+  schedule = optim.learning_rate(config.train)
+  tx = optim.optimizer(config.train)
+  boxed, p_shardings = param_shardings(model, config.train.seq_len, mesh, config)
+  abstract_params = nn.meta.unbox(boxed)
+  repl = sharding.replicated(mesh)
+  opt_shardings = optax.tree_map_params(
+      tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_params), p_shardings,
+      transform_non_params=lambda _: repl)
+  state_sharding = TrainState(step=repl, params=p_shardings, opt_state=opt_shardings)
+  batch_sharding = sharding.batch_sharding(mesh, config.mesh)
+  metric_sharding = repl
+  train_step = jax.jit(make_train_step(model, tx, schedule, config.seed),
+                       in_shardings=(state_sharding, batch_sharding),
+                       out_shardings=(state_sharding, metric_sharding), donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(model), in_shardings=(p_shardings, batch_sharding),
+                      out_shardings=metric_sharding)
+  init = jax.jit(functools.partial(_init_state, model, tx, config.train.seq_len),
+                 out_shardings=state_sharding)
+  num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params))
+  return Trainer(config=config, model=model, tx=tx, mesh=mesh, state_sharding=state_sharding,
+                 batch_sharding=batch_sharding, num_params=num_params, train_step=train_step,
+                 eval_step=eval_step, init=init)

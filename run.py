@@ -1,0 +1,89 @@
+"""Train and/or evaluate one config.
+
+    python run.py --config=configs/lm.py:smoke --workdir=/tmp/lcr_smoke [--mode=train|eval|train_and_eval]
+    python run.py --config=configs/lm.py:cpu --config.model.pos=alibi --config.train.steps=500 ...
+
+Several hosts: on a Cloud TPU VM every host runs the same command and JAX finds its peers; elsewhere
+pass --coordinator_address=HOST:PORT (of process 0) --num_processes=N --process_id=I on each.
+
+Exit status: 0 done; 1 a user error (one line on stderr: bad config, missing data, corrupt
+checkpoint, unwritable workdir, diverged loss); 75 stopped by SIGTERM after saving a checkpoint
+(run the same command again to resume).
+"""
+
+import logging as std_logging
+import sys
+
+from absl import app, flags, logging
+
+from lcr import cli
+
+EXIT_USER_ERROR = 1
+EXIT_PREEMPTED = 75   # EX_TEMPFAIL (sysexits.h): try again later, and the run resumes
+
+_CONFIG = flags.DEFINE_string('config', None, 'config file[:preset], e.g. configs/lm.py:cpu; '
+                              '--config.a.b=value overrides any field')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'directory for checkpoints, metrics and config.json')
+_MODE = flags.DEFINE_enum('mode', 'train_and_eval', ['train', 'eval', 'train_and_eval'],
+                          'train (with validation loss at the training length), evaluate a trained '
+                          'workdir at eval.lengths, or both')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   'HOST:PORT of process 0 for multi-process runs off TPU VMs')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'number of processes (hosts)')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'index of this process, 0-based')
+
+_overrides: list[str] = []
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl flags, with --config.a.b=v overrides set aside for the config loader."""
+  try:
+    rest, overrides = cli.split_override_args(argv)
+    _overrides.extend(overrides)
+    return flags.FLAGS(rest)
+  except (flags.Error, cli.ConfigError) as err:
+    _exit(f'{err} (see --helpshort)')
+
+
+def _exit(message: str, status: int = EXIT_USER_ERROR):
+  print(f'run.py: {message}', file=sys.stderr, flush=True)
+  sys.exit(status)
+
+
+class _QuietLibraries(std_logging.Filter):
+  """Keeps checkpoint-library chatter out of the progress log (warnings still pass)."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    _exit(f'unexpected arguments {argv[1:]}')
+  if not _CONFIG.value or not _WORKDIR.value:
+    _exit('--config=FILE[:PRESET] and --workdir=DIR are required')
+  std_logging.getLogger('absl').addFilter(_QuietLibraries())
+  logging.set_verbosity(logging.INFO)
+
+  # Imported after flag parsing: everything below may touch JAX, which multi-host start-up precedes.
+  from lcr import checkpoint, eval_workdir, sharding, train
+  from lcr.config import ConfigError
+  from lcr.data import CorpusUnavailableError
+  user_errors = (ConfigError, CorpusUnavailableError, checkpoint.CheckpointError,
+                 train.WorkdirError, train.TrainingError)
+  try:
+    config = cli.load(_CONFIG.value, _overrides)
+    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if _MODE.value in ('train', 'train_and_eval'):
+      final = train.train_and_evaluate(config, _WORKDIR.value)
+      logging.info('final: %s', final)
+    if _MODE.value in ('eval', 'train_and_eval'):
+      eval_workdir.evaluate_workdir(_WORKDIR.value, config.eval)
+  except train.Preempted as err:
+    _exit(str(err), EXIT_PREEMPTED)
+  except user_errors as err:
+    _exit(str(err))
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=_parse_flags)

@@ -1,0 +1,125 @@
+"""run.py end to end: SIGTERM and resume, and one clear line (no traceback) for each bad input."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lcr import metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMPARED = ('step', 'loss', 'lr', 'grad_norm', 'val_loss')
+
+
+@pytest.fixture(scope='module')
+def env(tmp_path_factory):
+  cache = tmp_path_factory.mktemp('jax_cache')
+  # One device, as a user's laptop has; compiled steps are shared between the runs of this module.
+  return dict({k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}, JAX_PLATFORMS='cpu',
+              JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('data'))
+
+
+def command(workdir, data_dir, *overrides):
+  return [sys.executable, 'run.py', '--config=configs/lm.py:smoke', f'--workdir={workdir}',
+          '--mode=train', f'--config.data.data_dir={data_dir}', '--config.train.tensorboard=false',
+          *overrides]
+
+
+def run(args, env, timeout=180):
+  return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+LONG = ('--config.train.steps=300', '--config.train.log_every=10', '--config.train.eval_every=100',
+        '--config.train.checkpoint_every=100')
+
+
+def records(workdir):
+  return [{k: r[k] for k in COMPARED if k in r} for r in metrics.read_metrics(str(workdir))]
+
+
+def test_sigterm_then_rerun_ends_with_the_metrics_of_an_uninterrupted_run(tmp_path, env, data_dir):
+  whole = run(command(tmp_path / 'whole', data_dir, *LONG), env)
+  assert whole.returncode == 0, whole.stderr[-3000:]
+
+  args = command(tmp_path / 'cut', data_dir, *LONG)
+  proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  metrics_file = tmp_path / 'cut' / 'metrics.jsonl'
+  deadline = time.time() + 120
+  while not (metrics_file.exists() and metrics_file.read_text()) and time.time() < deadline:
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 75, stderr[-3000:]
+  assert 'stopped by SIGTERM after step' in stderr and 'Traceback' not in stderr
+  stopped_at = max(int(s) for s in os.listdir(tmp_path / 'cut' / 'checkpoints'))
+  assert 10 <= stopped_at < 300
+
+  again = run(args, env)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert records(tmp_path / 'cut') == records(tmp_path / 'whole')
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory, env, data_dir):
+  workdir = tmp_path_factory.mktemp('trained')
+  done = run(command(workdir, data_dir), env)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return workdir
+
+
+def _corrupt_copy(trained, tmp_path):
+  workdir = tmp_path / 'corrupt'
+  shutil.copytree(trained, workdir)
+  latest = max(os.listdir(workdir / 'checkpoints'), key=int)
+  for name in os.listdir(workdir / 'checkpoints' / latest / 'state' / 'd'):
+    (workdir / 'checkpoints' / latest / 'state' / 'd' / name).write_bytes(b'garbage')
+  return workdir, f'checkpoints/{latest} is corrupt'
+
+
+def test_bad_inputs_exit_1_with_one_clear_line(tmp_path, env, data_dir, trained):
+  (tmp_path / 'a_file').write_text('')
+  corrupt, corrupt_message = _corrupt_copy(trained, tmp_path)
+  w = tmp_path / 'w'
+  cases = {
+      'unknown corpus': (command(w, data_dir, '--config.data.corpus=nope'), r"data.corpus='nope'"),
+      'unknown tokenizer': (command(w, data_dir, '--config.data.tokenizer=words'),
+                            "data.tokenizer='words'"),
+      'mesh vs devices': (command(w, data_dir, '--config.mesh.shape=(2,1,1)'),
+                          'mesh.shape=(2, 1, 1) is invalid: uses 2 devices but 1 are available'),
+      'batch vs data parallel': (
+          command(w, data_dir, '--config.train.batch_size=6', '--config.mesh.shape=(4,1,1)'),
+          'train.batch_size=6 is invalid: must be divisible by the data-parallel size 4'),
+      'length the encoding cannot serve': (
+          command(w, data_dir, '--config.model.pos=learned', '--config.model.max_len=16'),
+          'train.seq_len=32 is invalid: model.pos=learned has a table of model.max_len=16'),
+      'unwritable workdir': (command(tmp_path / 'a_file' / 'sub', data_dir),
+                             'cannot write to --workdir='),
+      'corrupt checkpoint': (command(corrupt, data_dir), corrupt_message),
+      'override of a missing field': (command(w, data_dir, '--config.train.stpes=5'),
+                                      'config field train.stpes does not exist'),
+      'unknown preset': ([sys.executable, 'run.py', '--config=configs/lm.py:huge', f'--workdir={w}'],
+                         "unknown preset 'huge'"),
+  }
+  four = dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  procs = {name: subprocess.Popen(args, cwd=REPO, env=four if 'batch' in name else env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for name, (args, _) in cases.items()}
+  for name, proc in procs.items():
+    _, stderr = proc.communicate(timeout=180)
+    lines = [l for l in stderr.splitlines() if l.startswith('run.py:')]
+    assert proc.returncode == 1, (name, stderr[-3000:])
+    assert len(lines) == 1 and cases[name][1] in lines[0], (name, stderr[-3000:])
+    assert 'Traceback' not in stderr, (name, stderr[-3000:])
+  assert not w.exists()   # nothing was created for runs that could not start
+  assert (corrupt / 'metrics.jsonl').read_text() == (trained / 'metrics.jsonl').read_text()
