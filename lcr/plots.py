@@ -14,6 +14,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 import numpy as np
+from matplotlib import ticker
 from matplotlib.figure import Figure
 
 from lcr import results
@@ -29,7 +30,7 @@ def _style(label: str, variants: list[str]) -> dict:
   i = variants.index(variant) if variant in variants else len(variants)
   style = dict(color=f'C{i % 10}', linestyle='-', marker=_MARKERS[i % len(_MARKERS)], markersize=4)
   if scaling:
-    j = sorted(['linear', 'ntk', 'dynamic_ntk', 'yarn', scaling]).index(scaling)
+    j = results.SCALING_ORDER.index(scaling) if scaling in results.SCALING_ORDER else 0
     style.update(linestyle=_STYLES[j % len(_STYLES)], marker=_MARKERS[(i + j + 3) % len(_MARKERS)])
   return style
 
@@ -41,6 +42,18 @@ def _variant_order(rows: Sequence[Row]) -> list[str]:
   return list(seen)
 
 
+def _plain_log_axes(ax, xs: Sequence[int], log_y: bool) -> None:
+  """Log axes labelled with plain numbers: the evaluation lengths on x, 2, 3, 5, 10, 20 ... on y."""
+  ax.set_xscale('log', base=2)
+  ax.set_xticks(sorted(set(xs)), [str(x) for x in sorted(set(xs))])
+  ax.xaxis.set_minor_locator(ticker.NullLocator())
+  if log_y:
+    ax.set_yscale('log')
+    ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f'{v:g}'))
+    ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+
+
 def extrapolation_figure(rows: Sequence[Row], value: str = 'ppl') -> Figure:
   """One panel per protocol: ``value`` vs evaluation length, mean line and min..max band over seeds."""
   groups = results.aggregate(rows, value)
@@ -50,8 +63,9 @@ def extrapolation_figure(rows: Sequence[Row], value: str = 'ppl') -> Figure:
   multi_len = len({t for _, t, _ in groups}) > 1
   for k, protocol in enumerate(protocols):
     ax = fig.add_subplot(1, len(protocols), k + 1)
+    order = results.series_order(rows)
     keys = sorted((key for key in groups if key[0] == protocol),
-                  key=lambda key: (key[1], variants.index(key[2].split(' + ')[0]), key[2]))
+                  key=lambda key: (key[1], order(key[2])))
     for _, train_len, label in keys:
       by_len = groups[(protocol, train_len, label)]
       xs = sorted(by_len)
@@ -63,13 +77,13 @@ def extrapolation_figure(rows: Sequence[Row], value: str = 'ppl') -> Figure:
                         color=_style(label, variants)['color'], alpha=0.15, linewidth=0)
     for train_len in sorted({t for p, t, _ in groups if p == protocol}):
       ax.axvline(train_len, color='0.4', linewidth=1, linestyle=':', label=f'train length {train_len}')
-    ax.set_xscale('log', base=2)
-    ax.set_yscale('log')
+    _plain_log_axes(ax, [n for key in keys for n in groups[key]], log_y=True)
     ax.set_xlabel('evaluation length (tokens)')
     ax.set_ylabel('perplexity' if value == 'ppl' else value)
     stride = {r['stride'] for r in rows if r['protocol'] == protocol}
     extra = f', stride {sorted(stride)[0]}' if protocol == 'sliding' and len(stride) == 1 else ''
-    ax.set_title(f'{protocol} windows{extra}')
+    lengths = ', '.join(str(t) for t in sorted({t for p, t, _ in groups if p == protocol}))
+    ax.set_title(f'trained at L = {lengths}; {protocol} windows{extra}')
     ax.grid(True, which='both', alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
   return fig
@@ -107,15 +121,17 @@ def per_position_figure(rows: Sequence[Row], bins: int = 80) -> Figure:
       loss, count = np.nan_to_num(np.asarray(r['loss'], np.float64)), np.asarray(r['count'], np.float64)
       sums[key][0] += loss * count
       sums[key][1] += count
-  for (_, train_len, label), (total, count) in sorted(
-      sums.items(), key=lambda kv: (variants.index(kv[0][2].split(' + ')[0]), kv[0][2])):
+  order = results.series_order(rows)
+  for (_, train_len, label), (total, count) in sorted(sums.items(),
+                                                      key=lambda kv: (kv[0][1], order(kv[0][2]))):
     with np.errstate(invalid='ignore', divide='ignore'):
       mean = np.where(count > 0, total / np.maximum(count, 1), 0.0)
     xs, ys = _log_bins(mean, count, bins)
     ax.plot(xs, ys, label=label, **{**_style(label, variants), 'marker': None})
   for train_len in sorted({t for _, t, _ in sums}):
     ax.axvline(train_len, color='0.4', linewidth=1, linestyle=':', label=f'train length {train_len}')
-  ax.set_xscale('log', base=2)
+  longest_len = max(longest.values(), default=1)
+  _plain_log_axes(ax, [2 ** k for k in range(int(np.log2(longest_len)) + 1)], log_y=False)
   ax.set_xlabel('position in the window (tokens)')
   ax.set_ylabel('loss (nats/token)')
   ax.set_title(f'loss per position, {protocol} windows at the longest length')
@@ -131,7 +147,7 @@ def passkey_figure(rows: Sequence[Row]) -> Figure:
   cells: dict[str, dict[tuple, list[float]]] = defaultdict(lambda: defaultdict(list))
   for r in latest:
     cells[results.series_label(r)][(r['eval_len'], r['depth'])].append(r['accuracy'])
-  labels = sorted(cells, key=lambda s: (variants.index(s.split(' + ')[0]), s))
+  labels = sorted(cells, key=results.series_order(rows))
   cols = min(4, max(1, len(labels)))
   nrows = -(-len(labels) // cols) if labels else 1
   fig = Figure(figsize=(3.4 * cols + 1, 2.8 * nrows), layout='constrained')

@@ -17,10 +17,12 @@ import json
 import math
 import os
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
+
+from lcr.config import POSITIONAL_ENCODINGS
 
 Row = dict[str, Any]
 RESULTS, PER_POSITION, PASSKEY = 'results.jsonl', 'per_position.jsonl', 'passkey.jsonl'
@@ -84,6 +86,24 @@ def series_label(row: Row) -> str:
   return row['variant'] if scaling in (None, 'none') else f"{row['variant']} + {scaling}"
 
 
+SCALING_ORDER = ('none', 'linear', 'ntk', 'dynamic_ntk', 'yarn')
+
+
+def series_order(rows: Iterable[Row]) -> Callable[[str], tuple]:
+  """A sort key for series labels: variants by encoding (none, learned, sinusoidal, rope, xpos,
+  alibi, t5, as in lcr.config.POSITIONAL_ENCODINGS), each RoPE variant's scalings after it."""
+  pos_of = {r['variant']: r.get('pos') for r in rows}
+
+  def key(label: str) -> tuple:
+    variant, _, scaling = label.partition(' + ')
+    pos = pos_of.get(variant)
+    pos_rank = POSITIONAL_ENCODINGS.index(pos) if pos in POSITIONAL_ENCODINGS else len(POSITIONAL_ENCODINGS)
+    scaling = scaling or 'none'
+    rank = SCALING_ORDER.index(scaling) if scaling in SCALING_ORDER else len(SCALING_ORDER)
+    return pos_rank, variant, rank, scaling
+  return key
+
+
 def aggregate(rows: Iterable[Row], value: str = 'ppl') -> dict[tuple, dict[int, list[float]]]:
   """{(protocol, train_len, label): {eval_len: [value per seed]}} (last row wins per key)."""
   latest = {row_key(r): r for r in rows}
@@ -117,10 +137,11 @@ def _ratios(by_len: dict[int, list[float]], train_len: int) -> dict[int, list[fl
   return {n: [v / b for v in vs] for n, vs in by_len.items()}
 
 
-def _table(series: dict[str, dict[int, list[float]]], lengths: list[int], digits: int) -> list[str]:
+def _table(series: dict[str, dict[int, list[float]]], lengths: list[int], digits: int,
+           order: Callable[[str], tuple]) -> list[str]:
   lines = ['| model | ' + ' | '.join(str(n) for n in lengths) + ' |',
            '|---|' + '---:|' * len(lengths)]
-  for label in sorted(series):
+  for label in sorted(series, key=order):
     lines.append(f'| {label} | ' + ' | '.join(_fmt(series[label].get(n, []), digits)
                                               for n in lengths) + ' |')
   return lines
@@ -130,6 +151,7 @@ def summary_markdown(rows: Sequence[Row], passkey_rows: Sequence[Row] = ()) -> s
   """Perplexity tables (rows = variants and RoPE scalings, columns = evaluation lengths)."""
   out = ['# Train short, test long', '']
   groups = aggregate(rows, 'ppl')
+  order = series_order(rows)
   seeds = {r.get('seed') for r in rows}
   note = f' (mean ± std over {len(seeds)} seeds)' if len(seeds) > 1 else ''
   for protocol, train_len in sorted({(p, t) for p, t, _ in groups}):
@@ -138,10 +160,10 @@ def summary_markdown(rows: Sequence[Row], passkey_rows: Sequence[Row] = ()) -> s
     stride = {r['stride'] for r in rows if r['protocol'] == protocol and r['train_len'] == train_len}
     extra = f', stride {sorted(stride)[0]}' if protocol == 'sliding' and len(stride) == 1 else ''
     out += [f'## Perplexity, {protocol} windows{extra}, trained at L = {train_len}{note}', '']
-    out += _table(series, lengths, 2) + ['']
+    out += _table(series, lengths, 2, order) + ['']
     ratios = {lab: _ratios(v, train_len) for lab, v in series.items()}
     out += [f'Perplexity relative to the same model at L = {train_len}:', '']
-    out += _table({k: v for k, v in ratios.items() if v}, lengths, 2) + ['']
+    out += _table({k: v for k, v in ratios.items() if v}, lengths, 2, order) + ['']
   if passkey_rows:
     out += passkey_markdown(passkey_rows)
   policies = {r.get('learned_positions') for r in rows} - {None}
@@ -161,4 +183,5 @@ def passkey_markdown(rows: Sequence[Row]) -> list[str]:
   series = {lab: {n: [float(np.mean(v)) for v in by_seed.values()] for n, by_seed in d.items()}
             for lab, d in acc.items()}
   lengths = sorted({n for v in series.values() for n in v})
-  return ['## Passkey retrieval accuracy (mean over depths)', ''] + _table(series, lengths, 2) + ['']
+  return (['## Passkey retrieval accuracy (mean over depths)', '']
+          + _table(series, lengths, 2, series_order(rows)) + [''])

@@ -72,8 +72,9 @@ def test_extrapolation_figure_series_and_band(tmp_path):
   fig = plots.extrapolation_figure(rows)
   ax = fig.axes[0]
   labels = [line.get_label() for line in ax.get_lines()]
-  assert labels == ['alibi', 'learned', 'rope', 'rope + yarn', 'train length 64']
-  learned = ax.get_lines()[1]
+  # Absolute encodings, then rotary (each RoPE scaling after its model), then biases.
+  assert labels == ['learned', 'rope', 'rope + yarn', 'alibi', 'train length 64']
+  learned = ax.get_lines()[0]
   np.testing.assert_allclose(learned.get_xdata(), [64, 128, 512])
   np.testing.assert_allclose(learned.get_ydata(), [4.1, 6.1, 12.1])
   assert ax.get_xscale() == 'log'
@@ -110,8 +111,8 @@ def test_draw_all_from_result_files_alone(tmp_path):
   pp_fig = plots.per_position_figure(results.read_many(
       [str(work_a / results.PER_POSITION), str(work_b / results.PER_POSITION)]))
   lines = pp_fig.axes[0].get_lines()
-  assert [line.get_label() for line in lines][:4] == ['alibi', 'learned', 'rope', 'rope + yarn']
+  assert [line.get_label() for line in lines][:4] == ['learned', 'rope', 'rope + yarn', 'alibi']
   assert max(lines[0].get_xdata()) <= 512 and min(lines[0].get_ydata()) >= 1.0
   pk_fig = plots.passkey_figure(results.read_rows(str(work_a / results.PASSKEY)))
-  assert [ax.get_title() for ax in pk_fig.axes[:2]] == ['alibi', 'rope']
+  assert [ax.get_title() for ax in pk_fig.axes[:2]] == ['rope', 'alibi']
   assert json.loads(open(work_a / results.RESULTS).readline())['variant'] == 'alibi'

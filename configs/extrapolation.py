@@ -1,0 +1,104 @@
+"""The "train short, test long" study: one model per positional encoding, evaluated far past L.
+
+  python experiments/extrapolation.py --config=configs/extrapolation.py:quick --workdir=runs/quick
+  python experiments/extrapolation.py --config=configs/extrapolation.py:paper --workdir=/data/runs/paper
+  python experiments/sweep.py --config=configs/extrapolation.py:quick --workdir=runs/sweep --dry_run
+
+Presets (the argument after the colon):
+  quick  the README's first command: built-in Bible text as bytes, 2 layers, d_model 128, L = 64,
+         evaluated at 64 ... 2048 tokens; about a quarter of an hour on a 2-core CPU.
+  paper  the ALiBi paper's setting (Press et al. 2022 §4: 16 layers, d_model 1024, 8 heads,
+         L = 512, evaluated up to 16k) on PG-19 (tfds) with a 32k BPE vocabulary, for TPU VMs.
+  smoke  two encodings, a few steps, two lengths: the end-to-end test.
+
+Every field can be overridden, e.g. ``--config.train.steps=2000`` or
+``--config.study.variants=rope,alibi``. ``study`` describes the study itself: the variants
+(each a value of model.pos unless ``study.overrides[name]`` sets one) and how to run them; the
+other sections are the run config every variant shares. ``get_sweep`` lists the runs of a sweep.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import base
+
+ALL_VARIANTS = 'sinusoidal,learned,none,rope,alibi,xpos,t5'
+
+
+def _base() -> ml_collections.ConfigDict:
+  config = base.get_config()
+  config.train.update(eval_every=0, checkpoint_every=0, keep_checkpoints=1)
+  config.study = ml_collections.ConfigDict(dict(
+      # Comma-separated names, e.g. --config.study.variants=rope,alibi
+      variants=ALL_VARIANTS,
+      # {variant name: {section: {field: value}}} applied on top of the shared config.
+      overrides=ml_collections.ConfigDict(),
+      # Worker processes, each pinned to one CPU core and single-threaded (CPU only; 1 = in-process).
+      parallel=1,
+      # Fraction of training rows replaced by passkey examples at L (0 = plain language modelling).
+      passkey_mix=0.0,
+      passkey_mix_format='compact',
+  ))
+  return config
+
+
+def quick() -> ml_collections.ConfigDict:
+  config = _base()
+  config.data.update(corpus='bible', tokenizer='bytes')
+  config.model.update(num_layers=2, d_model=128, num_heads=4, attention_backend='xla',
+                      yarn_beta_fast=4.0, yarn_beta_slow=1.0)
+  config.train.update(steps=800, batch_size=32, seq_len=64, lr=2e-3, warmup_steps=50,
+                      log_every=100, tensorboard=False)
+  config.eval.update(multipliers=(1, 2, 4, 8, 16, 32), protocols=('nonoverlapping',),
+                     max_tokens=16384, batch_size=16, passkey=True, passkey_format='compact',
+                     passkey_depths=(0.0, 0.5, 1.0), passkey_trials=8,
+                     passkey_lengths=(64, 128, 256, 512))
+  config.study.update(variants='sinusoidal,learned,rope,alibi,xpos,t5', parallel=2, passkey_mix=0.1)
+  return config
+
+
+def paper() -> ml_collections.ConfigDict:
+  config = _base()
+  config.data.update(corpus='tfds:pg19', text_key='book_text', tokenizer='bpe', vocab_size=32768)
+  config.model.update(num_layers=16, d_model=1024, num_heads=8, ffn_dim=4096,
+                      attention_backend='xla', dtype='bfloat16', remat=True, scan_layers=True)
+  config.train.update(steps=100_000, batch_size=256, seq_len=512, lr=3e-4, warmup_steps=2000,
+                      eval_every=5000, checkpoint_every=2000, keep_checkpoints=2)
+  config.eval.update(multipliers=(1, 2, 4, 8, 16, 32), protocols=('nonoverlapping', 'sliding'),
+                     stride=512, max_tokens=262_144, batch_size=16, passkey=True,
+                     passkey_trials=20, passkey_lengths=(512, 1024, 2048, 4096, 8192))
+  config.study.update(parallel=1)
+  return config
+
+
+def smoke() -> ml_collections.ConfigDict:
+  config = quick()
+  config.model.update(num_layers=1, d_model=32, num_heads=2)
+  config.train.update(steps=4, batch_size=8, seq_len=48, warmup_steps=1, log_every=2)
+  config.eval.update(multipliers=(1, 2), max_tokens=256, rope_scalings=('none', 'yarn'),
+                     passkey_trials=2, passkey_depths=(0.0, 1.0), passkey_lengths=(64,))
+  config.study.update(variants='rope,learned', parallel=1, passkey_mix=0.25)
+  return config
+
+
+PRESETS = {'quick': quick, 'paper': paper, 'smoke': smoke}
+
+
+def get_config(arg: str = 'quick') -> ml_collections.ConfigDict:
+  if arg not in PRESETS:
+    raise ValueError(f'unknown preset {arg!r}; presets: {", ".join(PRESETS)}')
+  return PRESETS[arg]()
+
+
+def get_sweep(arg: str = 'quick') -> list[dict]:
+  """The runs of a sweep: dotted overrides of ``get_config(arg)``, one dict per run.
+
+  Each run trains and evaluates one positional encoding with one seed at one training length;
+  ``experiments/sweep.py`` gives each its own workdir and combines their results.
+  """
+  config = get_config(arg)
+  train_lens = {'quick': (64, 128), 'paper': (512, 1024), 'smoke': (48,)}[arg]
+  seeds = (0, 1)
+  return [{'study.variants': variant, 'seed': seed, 'train.seq_len': length}
+          for variant in config.study.variants.split(',') for seed in seeds for length in train_lens]
