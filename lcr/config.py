@@ -86,7 +86,8 @@ NORMS = ('layernorm', 'rmsnorm')
 NORM_PLACEMENTS = ('pre', 'post')
 FFNS = ('mlp', 'swiglu', 'geglu')
 DTYPES = ('float32', 'bfloat16', 'float16')
-ATTENTION_BACKENDS = ('xla',)
+ATTENTION_BACKENDS = ('auto', 'xla', 'chunked', 'cudnn', 'splash')
+ATTENTION_VARIANTS = ('causal', 'sliding', 'longformer', 'bigbird', 'sinks', 'blockwise')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +114,17 @@ class ModelConfig:
   xpos_scale_base: float = 512.0
   t5_num_buckets: int = 32
   t5_max_distance: int = 128
-  attention_backend: str = 'xla'
+  attention_backend: str = 'auto'  # lcr.attention backends; auto picks per platform and call.
+  attention: str = 'causal'        # which keys a query sees (lcr.attention.masks).
+  window: int = 0                  # sliding/longformer/sinks: tokens a query looks back (> 0).
+  global_tokens: int = 0           # longformer/bigbird: first tokens of each document, global.
+  sink_tokens: int = 4             # sinks: first tokens of each document, always visible.
+  attention_block: int = 0         # bigbird/blockwise block size (blockwise: train length / 2).
+  bigbird_random_blocks: int = 3   # bigbird: random key blocks per query block.
+  bigbird_seed: int = 0            # bigbird: seed of the fixed random pattern.
+  attention_chunk: int = 512       # chunked backend: queries and keys per tile.
+  length_scaled_logits: bool = False  # q·k × max(1, log(p + 1) / log(length_scale_base)).
+  length_scale_base: int = 0       # the training length for length_scaled_logits (> 1).
   norm: str = 'layernorm'
   norm_placement: str = 'pre'
   ffn: str = 'mlp'
@@ -168,6 +179,38 @@ class ModelConfig:
     check_range('model.dropout', self.dropout, 0.0, 1.0)
     if self.pos_combine == 'concat' and self.pos_dim and self.pos_dim >= self.d_model:
       fail('model.pos_dim', self.pos_dim, f'must be smaller than model.d_model={self.d_model}')
+    self._check_attention()
+
+  def _check_attention(self):
+    check_choice('model.attention', self.attention, ATTENTION_VARIANTS)
+    for name in ('window', 'global_tokens', 'sink_tokens', 'attention_block',
+                 'bigbird_random_blocks', 'length_scale_base'):
+      if getattr(self, name) < 0:
+        fail(f'model.{name}', getattr(self, name), 'must be >= 0')
+    check_positive('model.attention_chunk', self.attention_chunk)
+    if self.attention in ('sliding', 'longformer', 'sinks') and self.window <= 0:
+      fail('model.window', self.window,
+           f'model.attention={self.attention!r} needs the number of tokens a query sees (> 0)')
+    if self.attention == 'sinks' and self.sink_tokens <= 0:
+      fail('model.sink_tokens', self.sink_tokens, "model.attention='sinks' needs > 0 sink tokens")
+    if self.attention in ('bigbird', 'blockwise') and self.attention_block <= 0:
+      fail('model.attention_block', self.attention_block,
+           f'model.attention={self.attention!r} needs a block size in tokens (> 0)'
+           + ('; Sun et al. 2022 use half the training length' if self.attention == 'blockwise'
+              else ''))
+    if self.length_scaled_logits and self.length_scale_base <= 1:
+      fail('model.length_scale_base', self.length_scale_base,
+           'model.length_scaled_logits=True needs the training length (> 1)')
+    if self.attention_backend == 'cudnn' and self.dtype not in ('bfloat16', 'float16'):
+      fail('model.attention_backend', self.attention_backend,
+           f'cuDNN flash attention needs model.dtype bfloat16 or float16, not {self.dtype}')
+    if self.attention_backend == 'splash':
+      if self.pos in ('alibi', 't5'):
+        fail('model.attention_backend', self.attention_backend,
+             f'splash attention takes no additive bias, so not model.pos={self.pos!r}')
+      if self.attention not in ('causal', 'sliding'):
+        fail('model.attention_backend', self.attention_backend,
+             f"splash runs model.attention 'causal' or 'sliding' only, not {self.attention!r}")
 
   @property
   def kv_heads(self) -> int:

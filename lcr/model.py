@@ -19,7 +19,7 @@ EMBED_AXES = ('batch', 'length', 'embed')
 
 
 class Attention(nn.Module):
-  """Self-attention with the configured positional encoding, GQA and backend."""
+  """Self-attention with the configured positional encoding, GQA, pattern and backend."""
   cfg: ModelConfig
 
   def _project(self, x, heads: int, axes: tuple[str, ...], name: str) -> jax.Array:
@@ -30,19 +30,37 @@ class Attention(nn.Module):
         kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes))(x)
     return nn.with_logical_constraint(y, ('batch', 'length', axes[1], 'kv'))
 
+  def _qkv(self, x_BxTxD, context_BxSxD):
+    cfg = self.cfg
+    q = self._project(x_BxTxD, cfg.num_heads, ('embed', 'heads', 'kv'), 'query')
+    k = self._project(context_BxSxD, cfg.kv_heads, ('embed', 'kv_heads', 'kv'), 'key')
+    v = self._project(context_BxSxD, cfg.kv_heads, ('embed', 'kv_heads', 'kv'), 'value')
+    return q, k, v
+
+  def _output(self, out_BxTxHxD) -> jax.Array:
+    cfg = self.cfg
+    out = nn.with_logical_constraint(out_BxTxHxD, ('batch', 'length', 'heads', 'kv'))
+    return nn.DenseGeneral(
+        cfg.d_model, axis=(-2, -1), use_bias=False, dtype=jnp.dtype(cfg.dtype),
+        param_dtype=jnp.dtype(cfg.param_dtype), name='out',
+        kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(),
+                                                 ('heads', 'kv', 'embed')))(out)
+
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT, segments_BxT, pos_table) -> jax.Array:
     cfg = self.cfg
-    q = self._project(x_BxTxD, cfg.num_heads, ('embed', 'heads', 'kv'), 'query')
-    k = self._project(x_BxTxD, cfg.kv_heads, ('embed', 'kv_heads', 'kv'), 'key')
-    v = self._project(x_BxTxD, cfg.kv_heads, ('embed', 'kv_heads', 'kv'), 'value')
+    q, k, v = self._qkv(x_BxTxD, x_BxTxD)
     bias_fn = positional.bias_fn(cfg, pos_table)
+    mask = attention.mask_from_config(cfg)
 
     def attend(q_blk, k_blk, v_blk, q_pos, k_pos, q_seg, k_seg, seq_len=None):
       if positional.kind(cfg) == 'rotary':
         q_blk, k_blk = positional.rotate(cfg, q_blk, k_blk, q_pos, k_pos, seq_len=seq_len)
-      return attention.attend(q_blk, k_blk, v_blk, q_pos=q_pos, k_pos=k_pos, q_segments=q_seg,
-                              k_segments=k_seg, bias_fn=bias_fn, backend=cfg.attention_backend)
+      return attention.attend(
+          q_blk, k_blk, v_blk, q_pos=q_pos, k_pos=k_pos, q_segments=q_seg, k_segments=k_seg,
+          bias_fn=bias_fn, mask=mask, chunk=cfg.attention_chunk,
+          length_scale_base=cfg.length_scale_base if cfg.length_scaled_logits else 0,
+          backend=cfg.attention_backend)
 
     t = x_BxTxD.shape[1]
     block = cfg.rope_original_length
@@ -59,12 +77,30 @@ class Attention(nn.Module):
       out = jnp.concatenate(outs, axis=1)
     else:
       out = attend(q, k, v, positions_BxT, positions_BxT, segments_BxT, segments_BxT)
-    out = nn.with_logical_constraint(out, ('batch', 'length', 'heads', 'kv'))
-    return nn.DenseGeneral(
-        cfg.d_model, axis=(-2, -1), use_bias=False, dtype=jnp.dtype(cfg.dtype),
-        param_dtype=jnp.dtype(cfg.param_dtype), name='out',
-        kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(),
-                                                 ('heads', 'kv', 'embed')))(out)
+    return self._output(out)
+
+
+class CrossAttention(Attention):
+  """Encoder-decoder attention: queries from x [B,T,D], keys/values from context [B,S,D'].
+
+  Every query sees every context token of its segment (no causal mask, no positional
+  encoding, as in T5's cross-attention); segment ids, when both are given, pair each decoder
+  document with its encoder document in packed rows. Runs through the same ``attend`` and
+  backend as self-attention.
+  """
+
+  @nn.compact
+  def __call__(self, x_BxTxD, context_BxSxD, x_segments_BxT=None,
+               context_segments_BxS=None) -> jax.Array:
+    cfg = self.cfg
+    q, k, v = self._qkv(x_BxTxD, context_BxSxD)
+    (b, t), s = x_BxTxD.shape[:2], context_BxSxD.shape[1]
+    out = attention.attend(
+        q, k, v, q_pos=jnp.broadcast_to(jnp.arange(t), (b, t)),
+        k_pos=jnp.broadcast_to(jnp.arange(s), (b, s)), q_segments=x_segments_BxT,
+        k_segments=context_segments_BxS, mask=attention.MaskSpec('dense', causal=False),
+        chunk=cfg.attention_chunk, backend=cfg.attention_backend)
+    return self._output(out)
 
 
 class Block(nn.Module):
