@@ -88,8 +88,10 @@ def check_batch(mesh: Mesh, cfg: MeshConfig, batch_size: int, field: str = 'trai
     fail(field, batch_size, f'must be divisible by the data-parallel size {dp} (mesh axes '
          f'{cfg.axes_of("batch")} of mesh {dict(mesh.shape)}); use a multiple of {dp} or change '
          'mesh.shape')
-  if batch_size % jax.process_count():
-    fail(field, batch_size, f'must be divisible by the {jax.process_count()} processes')
+  if dp % jax.process_count():
+    fail('mesh.shape', cfg.shape, f'splits the batch {dp} ways over {jax.process_count()} '
+         'processes; each process reads its own rows, so the data-parallel size (mesh axes '
+         f'{cfg.axes_of("batch")}) must be a multiple of the process count')
 
 
 def batch_sharding(mesh: Mesh, cfg: MeshConfig) -> NamedSharding:
@@ -128,6 +130,9 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, cfg: MeshConfig) -> Any:
 
 
 def global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-  """Assembles this process's rows of a batch into global arrays laid out by ``sharding``."""
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in local_batch.items()}
+  """Assembles every process's rows (its contiguous block of the batch) into global arrays."""
+  def make(v):
+    v = np.asarray(v)
+    shape = (v.shape[0] * jax.process_count(),) + v.shape[1:]
+    return jax.make_array_from_process_local_data(sharding, v, shape)
+  return {k: make(v) for k, v in local_batch.items()}

@@ -1,0 +1,116 @@
+"""Training throughput of lcr's jitted train step on GPT-2-style models a, b, c.
+
+    python benchmarks/train_throughput.py                 # all three, on the default device
+    python benchmarks/train_throughput.py --configs=a --steps=50
+
+Prints a table and one JSON object per config: tokens/s, FLOP/s counted as 6·N + 6·L·T·D per token
+(N parameters, L layers, T sequence length, D width), and that as a fraction of this machine's
+measured float32 matmul peak (and of the vendor peak, i.e. MFU, on a GPU or TPU whose peak is known).
+Models: learned positions, GELU MLP, tied embeddings, a 128-symbol vocabulary, float32.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from lcr import config as C
+from lcr import metrics, sharding, step
+from lcr.data.config import DataConfig
+
+#                (layers, d_model, heads, seq_len, batch)
+MODELS = {'a': (4, 128, 4, 64, 12), 'b': (4, 256, 4, 256, 16), 'c': (6, 384, 6, 256, 16)}
+
+_CONFIGS = flags.DEFINE_list('configs', ['a', 'b', 'c'], 'which of a, b, c to run')
+_STEPS = flags.DEFINE_integer('steps', 30, 'timed steps per config (after warmup)')
+_REPEATS = flags.DEFINE_integer('repeats', 3, 'timed runs per config; the best is reported')
+
+
+def matmul_peak(sizes=(512, 1024, 2048), repeats: int = 5) -> float:
+  """The best float32 FLOP/s of a square matmul (8 chained per call, so dispatch is amortised)."""
+  best = 0.0
+  for n in sizes:
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)) / np.sqrt(n), jnp.float32)
+
+    @jax.jit
+    def chain(x):
+      for _ in range(8):
+        x = x @ x
+      return x
+
+    jax.block_until_ready(chain(x))
+    for _ in range(repeats):
+      start = time.perf_counter()
+      jax.block_until_ready(chain(x))
+      best = max(best, 8 * 2 * n ** 3 / (time.perf_counter() - start))
+  return best
+
+
+def model_config(name: str) -> C.Config:
+  layers, d, heads, t, b = MODELS[name]
+  return C.Config(
+      model=C.ModelConfig(vocab_size=128, num_layers=layers, d_model=d, num_heads=heads,
+                          pos='learned', max_len=t, ffn='mlp', tie_embeddings=True),
+      data=DataConfig(), train=C.TrainConfig(steps=10_000, batch_size=b, seq_len=t, warmup_steps=10),
+      mesh=C.MeshConfig(shape=(1, 1, 1)))
+
+
+def throughput(cfg: C.Config, steps: int, repeats: int) -> tuple[float, int]:
+  """(tokens/s of the best of ``repeats`` runs of ``steps`` steps, parameter count)."""
+  device = jax.devices()[0]
+  trainer = step.make_trainer(cfg, mesh=sharding.make_mesh(cfg.mesh, devices=[device]))
+  state = trainer.init_state()
+  b, t = cfg.train.batch_size, cfg.train.seq_len
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, cfg.model.vocab_size, (b, t + 1)).astype(np.int32)
+  batch = sharding.global_batch(dict(
+      inputs=tokens[:, :-1], targets=tokens[:, 1:], weights=np.ones((b, t), np.float32),
+      positions=np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)),
+      segment_ids=np.ones((b, t), np.int32)), trainer.batch_sharding)
+  for _ in range(3):   # compile and warm up
+    state, m = trainer.train_step(state, batch)
+  jax.block_until_ready(m)
+  best = 0.0
+  for _ in range(repeats):
+    start = time.perf_counter()
+    for _ in range(steps):
+      state, m = trainer.train_step(state, batch)
+    jax.block_until_ready(m)
+    best = max(best, steps * b * t / (time.perf_counter() - start))
+  return best, trainer.num_params
+
+
+def main(argv):
+  del argv
+  device = jax.devices()[0]
+  peak = matmul_peak()
+  vendor = metrics.peak_flops(device.device_kind, 'float32')
+  print(f'device: {device.device_kind} ({jax.device_count()} device(s)); measured float32 matmul '
+        f'peak {peak / 1e9:.1f} GFLOP/s' + (f'; vendor peak {vendor / 1e12:.0f} TFLOP/s' if vendor else ''))
+  print(f'{"cfg":<4}{"layers":>7}{"d":>5}{"heads":>6}{"T":>5}{"B":>4}{"params":>11}'
+        f'{"tokens/s":>11}{"GFLOP/s":>9}{"of peak":>9}' + ('    MFU' if vendor else ''))
+  rows = []
+  for name in _CONFIGS.value:
+    cfg = model_config(name)
+    tps, n = throughput(cfg, _STEPS.value, _REPEATS.value)
+    flops = metrics.flops_per_token(cfg.model, n, cfg.train.seq_len) * tps
+    row = dict(config=name, layers=cfg.model.num_layers, d_model=cfg.model.d_model,
+               heads=cfg.model.num_heads, seq_len=cfg.train.seq_len, batch=cfg.train.batch_size,
+               params=n, tokens_per_s=tps, flops_per_s=flops, matmul_peak_flops_per_s=peak,
+               fraction_of_matmul_peak=flops / peak, device=device.device_kind,
+               mfu=flops / vendor if vendor else None)
+    rows.append(row)
+    print(f'{name:<4}{row["layers"]:>7}{row["d_model"]:>5}{row["heads"]:>6}{row["seq_len"]:>5}'
+          f'{row["batch"]:>4}{n:>11,}{tps:>11,.0f}{flops / 1e9:>9.1f}{flops / peak:>9.1%}'
+          + (f'{flops / vendor:>7.1%}' if vendor else ''), flush=True)
+  for row in rows:
+    print(json.dumps(row))
+
+
+if __name__ == '__main__':
+  app.run(main)
