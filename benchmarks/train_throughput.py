@@ -27,7 +27,7 @@ from lcr.data.config import DataConfig
 MODELS = {'a': (4, 128, 4, 64, 12), 'b': (4, 256, 4, 256, 16), 'c': (6, 384, 6, 256, 16)}
 
 _CONFIGS = flags.DEFINE_list('configs', ['a', 'b', 'c'], 'which of a, b, c to run')
-_STEPS = flags.DEFINE_integer('steps', 30, 'timed steps per config (after warmup)')
+_STEPS = flags.DEFINE_integer('steps', 10, 'timed steps per config (after warmup)')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'timed runs per config; the best is reported')
 
 

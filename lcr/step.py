@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from lcr import losses, optim, sharding
+from lcr import losses, matmul_layout, optim, sharding
 from lcr.config import Config
 from lcr.model import TransformerLM
 
@@ -83,11 +83,16 @@ def param_shardings(model: TransformerLM, seq_len: int, mesh: Mesh, config: Conf
 
 
 def forward(model: TransformerLM, params: Any, batch: Batch, *, rng: jax.Array | None = None):
-  """(logits [B, T, V] float32, sum of auxiliary losses the model sowed)."""
+  """(logits [B, T, V] float32, sum of auxiliary losses the model sowed).
+
+  Dense layers run as 2-D matmuls (lcr.matmul_layout): same result, a faster backward pass.
+  """
   deterministic = rng is None
-  logits, aux = model.apply({'params': params}, batch['inputs'], batch['positions'],
-                            batch['segment_ids'], deterministic=deterministic,
-                            rngs=None if deterministic else {'dropout': rng}, mutable=[AUX_LOSSES])
+  with matmul_layout.two_d_matmuls():
+    logits, aux = model.apply({'params': params}, batch['inputs'], batch['positions'],
+                              batch['segment_ids'], deterministic=deterministic,
+                              rngs=None if deterministic else {'dropout': rng},
+                              mutable=[AUX_LOSSES])
   aux_loss = sum((jnp.sum(x) for x in jax.tree.leaves(aux)), jnp.zeros((), jnp.float32))
   return logits, aux_loss
 

@@ -1,5 +1,7 @@
 """Loss, optimizer, the training loop's outputs, and two processes against one."""
 
+import contextlib
+import functools
 import json
 import math
 import os
@@ -13,8 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.extend import core as jex_core
 
-from lcr import checkpoint, cli, losses, metrics, optim, step, train
+from lcr import checkpoint, cli, losses, matmul_layout, metrics, optim, step, train
 from lcr import config as C
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,6 +100,45 @@ def test_auxiliary_losses_the_model_sows_are_added():
   expected = np.zeros((4, 4))
   expected[0] = [-0.25, 0.75, -0.25, -0.25]
   np.testing.assert_allclose(np.asarray(new.params['w']), expected, atol=1e-6)
+
+
+def _dot_ranks(jaxpr) -> list[tuple[int, int]]:
+  """(lhs rank, rhs rank) of every dot_general in a jaxpr and its sub-jaxprs (scan, remat, jit)."""
+  ranks = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'dot_general':
+      ranks.append((eqn.invars[0].aval.ndim, eqn.invars[1].aval.ndim))
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if isinstance(sub, jex_core.ClosedJaxpr):
+          ranks += _dot_ranks(sub.jaxpr)
+        elif isinstance(sub, jex_core.Jaxpr):
+          ranks += _dot_ranks(sub)
+  return ranks
+
+
+@pytest.mark.parametrize('tied', [True, False])
+def test_two_d_matmul_layout_keeps_loss_and_gradients(tied):
+  cfg = C.ModelConfig(vocab_size=64, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
+                      scan_layers=True, remat=True, tie_embeddings=tied)
+  model = step.TransformerLM(cfg)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 9)), jnp.int32)
+  positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
+  params = jax.jit(model.init)(jax.random.key(0), tokens[:, :-1], positions)['params']
+
+  def loss(params, two_d):
+    with matmul_layout.two_d_matmuls() if two_d else contextlib.nullcontext():
+      logits = model.apply({'params': params}, tokens[:, :-1], positions)
+    return losses.cross_entropy(logits, tokens[:, 1:], jnp.ones((2, 8)))[0]
+
+  grads = {two_d: jax.jit(jax.grad(functools.partial(loss, two_d=two_d)))(params)
+           for two_d in (True, False)}
+  for a, b in zip(jax.tree.leaves(grads[True]), jax.tree.leaves(grads[False])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  # The dense layers' [B, T, D] × [D, F] products became [B·T, D] × [D, F].
+  dense_3d = {two_d: sum(r == (3, 2) for r in _dot_ranks(
+      jax.make_jaxpr(functools.partial(loss, two_d=two_d))(params).jaxpr)) for two_d in (True, False)}
+  assert dense_3d[False] > 0 and dense_3d[True] == 0
 
 
 # ----------------------------------------------------------------------------------------------
