@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import importlib.util
 import math
 import os
 from typing import Any
@@ -19,8 +20,9 @@ from lcr.config import ConfigError, MeshConfig, fail
 
 def on_cloud_tpu_vm() -> bool:
   """True on a Cloud TPU VM, where ``jax.distributed.initialize()`` finds its peers by itself."""
-  return bool(glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*')
-              or os.environ.get('TPU_WORKER_HOSTNAMES'))
+  has_chips = bool(glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*')
+                   or os.environ.get('TPU_WORKER_HOSTNAMES'))
+  return has_chips and importlib.util.find_spec('libtpu') is not None
 
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,

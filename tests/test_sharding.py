@@ -98,3 +98,13 @@ def test_sharded_step_equals_single_device_step():
   for p8, p1, p0 in zip(flat8, flat1, initial):
     np.testing.assert_allclose(p8, p1, rtol=1e-5, atol=1e-6)
   assert any(not np.allclose(p1, p0) for p1, p0 in zip(flat1, initial))   # the step moved them
+
+
+@pytest.mark.parametrize('address, processes, process_id, message', [
+    (None, 2, 0, 'need --coordinator_address'),
+    ('localhost:1234', None, None, 'needs --num_processes and --process_id'),
+    ('localhost:1234', 2, 2, r'--process_id=2 must be in \[0, --num_processes=2\)'),
+])
+def test_inconsistent_multi_process_flags_are_explained(address, processes, process_id, message):
+  with pytest.raises(C.ConfigError, match=message):
+    sharding.initialize_distributed(address, processes, process_id)

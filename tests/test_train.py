@@ -71,6 +71,19 @@ def test_weight_decay_shrinks_matrices_but_not_norms():
   np.testing.assert_array_equal(new['layer_0']['ffn_norm']['bias'], params['layer_0']['ffn_norm']['bias'])
 
 
+def test_flops_per_token_and_device_peaks():
+  # GPT-2-style config a: 4 layers, d 128, T 64, 813,312 parameters (6N + 6LTD, Kaplan et al. 2020).
+  cfg = C.ModelConfig(vocab_size=128, num_layers=4, d_model=128, num_heads=4)
+  assert metrics.flops_per_token(cfg, 813_312, 64) == 6 * 813_312 + 6 * 4 * 64 * 128
+  assert metrics.peak_flops('TPU v4', 'bfloat16') == 275e12
+  assert metrics.peak_flops('NVIDIA H100 80GB HBM3', 'float32') == 494e12
+  assert metrics.peak_flops('NVIDIA H100 PCIe', 'bfloat16') == 756e12
+  assert metrics.peak_flops('cpu', 'float32') is None
+  line = metrics.Progress(100, 0, 1000).line(
+      40, {'loss': 2.5, 'lr': 1e-3, 'grad_norm': 0.5, 'tokens_per_s': 12345.0, 'eta_s': 75.0})
+  assert line == 'step 40/100 (40%)  loss 2.5000  lr 0.001  |g| 0.5  12,345 tok/s  ETA 1m15s'
+
+
 class _AuxModel(nn.Module):
   """Logits from a table; sows 0.5·Σw² as an auxiliary loss."""
 
