@@ -6,7 +6,7 @@
 
 Presets (the argument after the colon):
   quick  the README's first command: built-in Bible text as bytes, 2 layers, d_model 128, L = 64,
-         evaluated at 64 ... 2048 tokens; about a quarter of an hour on a 2-core CPU.
+         evaluated at 64 ... 2048 tokens, two worker processes; minutes on a 2-core CPU.
   paper  the ALiBi paper's setting (Press et al. 2022 §4: 16 layers, d_model 1024, 8 heads,
          L = 512, evaluated up to 16k) on PG-19 (tfds) with a 32k BPE vocabulary, for TPU VMs.
   smoke  two encodings, a few steps, two lengths: the end-to-end test.
@@ -44,17 +44,22 @@ def _base() -> ml_collections.ConfigDict:
 
 
 def quick() -> ml_collections.ConfigDict:
+  """Six encodings and four RoPE scalings, bytes, L = 64, evaluated to 2048: ~12 min on 2 cores."""
   config = _base()
   config.data.update(corpus='bible', tokenizer='bytes')
-  config.model.update(num_layers=2, d_model=128, num_heads=4, attention_backend='xla',
+  # YaRN's default betas (32, 1) span the wrong dims at L = 64; (4, 1) keeps its ramp in range.
+  config.model.update(num_layers=2, d_model=128, num_heads=4, attention_backend='auto',
                       yarn_beta_fast=4.0, yarn_beta_slow=1.0)
   config.train.update(steps=800, batch_size=32, seq_len=64, lr=2e-3, warmup_steps=50,
                       log_every=100, tensorboard=False)
   config.eval.update(multipliers=(1, 2, 4, 8, 16, 32), protocols=('nonoverlapping',),
-                     max_tokens=16384, batch_size=16, passkey=True, passkey_format='compact',
-                     passkey_depths=(0.0, 0.5, 1.0), passkey_trials=8,
+                     max_tokens=16384, batch_size=16, learned_positions='clamp',
+                     passkey_format='compact', passkey_depths=(0.0, 0.5, 1.0), passkey_trials=8,
                      passkey_lengths=(64, 128, 256, 512))
-  config.study.update(variants='sinusoidal,learned,rope,alibi,xpos,t5', parallel=2, passkey_mix=0.1)
+  # NoPE is left out: with 2 layers it trains poorly. Passkey is off: models this small do not
+  # learn it in 800 steps (--config.eval.passkey=true --config.study.passkey_mix=0.25 and many more
+  # steps turn it on; see README).
+  config.study.update(variants='sinusoidal,learned,rope,alibi,xpos,t5', parallel=2)
   return config
 
 
@@ -62,11 +67,11 @@ def paper() -> ml_collections.ConfigDict:
   config = _base()
   config.data.update(corpus='tfds:pg19', text_key='book_text', tokenizer='bpe', vocab_size=32768)
   config.model.update(num_layers=16, d_model=1024, num_heads=8, ffn_dim=4096,
-                      attention_backend='xla', dtype='bfloat16', remat=True, scan_layers=True)
+                      attention_backend='auto', dtype='bfloat16', remat=True, scan_layers=True)
   config.train.update(steps=100_000, batch_size=256, seq_len=512, lr=3e-4, warmup_steps=2000,
                       eval_every=5000, checkpoint_every=2000, keep_checkpoints=2)
   config.eval.update(multipliers=(1, 2, 4, 8, 16, 32), protocols=('nonoverlapping', 'sliding'),
-                     stride=512, max_tokens=262_144, batch_size=16, passkey=True,
+                     stride=512, max_tokens=131_072, batch_size=16, passkey=True,
                      passkey_trials=20, passkey_lengths=(512, 1024, 2048, 4096, 8192))
   config.study.update(parallel=1)
   return config
@@ -77,7 +82,7 @@ def smoke() -> ml_collections.ConfigDict:
   config.model.update(num_layers=1, d_model=32, num_heads=2)
   config.train.update(steps=4, batch_size=8, seq_len=48, warmup_steps=1, log_every=2)
   config.eval.update(multipliers=(1, 2), max_tokens=256, rope_scalings=('none', 'yarn'),
-                     passkey_trials=2, passkey_depths=(0.0, 1.0), passkey_lengths=(64,))
+                     passkey=True, passkey_trials=2, passkey_depths=(0.0, 1.0), passkey_lengths=(64,))
   config.study.update(variants='rope,learned', parallel=1, passkey_mix=0.25)
   return config
 

@@ -264,9 +264,10 @@ class EvalConfig:
   # True: documents are laid end to end and attention crosses their boundaries (the ALiBi paper's
   # protocol); False: each document is its own segment and positions restart at its start.
   attend_across_documents: bool = True
-  # A learned position table past train_len: 'untrained' evaluates the table's rows past L as they
-  # are (needs model.max_len >= the longest length); 'clamp' gives every position >= L row L - 1.
-  learned_positions: str = 'untrained'
+  # A learned position table past train_len: 'clamp' gives every position >= L the last trained
+  # row, L - 1; 'untrained' uses the table's rows past L as initialised (they get no gradient).
+  # Either way the table needs model.max_len >= the longest length (the study sizes it so).
+  learned_positions: str = 'clamp'
   passkey: bool = False
   passkey_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
   passkey_trials: int = 20

@@ -24,22 +24,19 @@ _STYLES = ('--', ':', '-.', (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)))
 _MARKERS = ('o', 's', '^', 'v', 'D', 'P', 'X', '*', 'h', '<', '>')
 
 
-def _style(label: str, variants: list[str]) -> dict:
-  """One colour per variant; a RoPE scaling keeps its variant's colour with its own dash and marker."""
-  variant, _, scaling = label.partition(' + ')
-  i = variants.index(variant) if variant in variants else len(variants)
-  style = dict(color=f'C{i % 10}', linestyle='-', marker=_MARKERS[i % len(_MARKERS)], markersize=4)
-  if scaling:
+def _styles(labels: Sequence[str]) -> dict[str, dict]:
+  """A colour and marker per series (in the order given); RoPE scalings are dashed."""
+  out = {}
+  for i, label in enumerate(labels):
+    scaling = label.partition(' + ')[2]
     j = results.SCALING_ORDER.index(scaling) if scaling in results.SCALING_ORDER else 0
-    style.update(linestyle=_STYLES[j % len(_STYLES)], marker=_MARKERS[(i + j + 3) % len(_MARKERS)])
-  return style
+    out[label] = dict(color=f'C{i % 10}', marker=_MARKERS[i % len(_MARKERS)], markersize=4,
+                      linestyle=_STYLES[(j - 1) % len(_STYLES)] if scaling else '-')
+  return out
 
 
-def _variant_order(rows: Sequence[Row]) -> list[str]:
-  seen: dict[str, None] = {}
-  for r in rows:
-    seen.setdefault(r['variant'], None)
-  return list(seen)
+def _legend(ax) -> None:
+  ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
 
 
 def _plain_log_axes(ax, xs: Sequence[int], log_y: bool) -> None:
@@ -58,12 +55,12 @@ def extrapolation_figure(rows: Sequence[Row], value: str = 'ppl') -> Figure:
   """One panel per protocol: ``value`` vs evaluation length, mean line and min..max band over seeds."""
   groups = results.aggregate(rows, value)
   protocols = sorted({p for p, _, _ in groups}, key=lambda p: (p != 'nonoverlapping', p))
-  fig = Figure(figsize=(6.4 * max(1, len(protocols)), 4.8), layout='constrained')
-  variants = _variant_order(rows)
+  fig = Figure(figsize=(7.6 * max(1, len(protocols)), 4.8), layout='constrained')
+  order = results.series_order(rows)
+  styles = _styles(sorted({label for _, _, label in groups}, key=order))
   multi_len = len({t for _, t, _ in groups}) > 1
   for k, protocol in enumerate(protocols):
     ax = fig.add_subplot(1, len(protocols), k + 1)
-    order = results.series_order(rows)
     keys = sorted((key for key in groups if key[0] == protocol),
                   key=lambda key: (key[1], order(key[2])))
     for _, train_len, label in keys:
@@ -71,10 +68,10 @@ def extrapolation_figure(rows: Sequence[Row], value: str = 'ppl') -> Figure:
       xs = sorted(by_len)
       ys = np.array([np.mean(by_len[n]) for n in xs])
       name = f'{label} (L={train_len})' if multi_len else label
-      ax.plot(xs, ys, label=name, **_style(label, variants))
+      ax.plot(xs, ys, label=name, **styles[label])
       if any(len(by_len[n]) > 1 for n in xs):
         ax.fill_between(xs, [min(by_len[n]) for n in xs], [max(by_len[n]) for n in xs],
-                        color=_style(label, variants)['color'], alpha=0.15, linewidth=0)
+                        color=styles[label]['color'], alpha=0.15, linewidth=0)
     for train_len in sorted({t for p, t, _ in groups if p == protocol}):
       ax.axvline(train_len, color='0.4', linewidth=1, linestyle=':', label=f'train length {train_len}')
     _plain_log_axes(ax, [n for key in keys for n in groups[key]], log_y=True)
@@ -85,7 +82,7 @@ def extrapolation_figure(rows: Sequence[Row], value: str = 'ppl') -> Figure:
     lengths = ', '.join(str(t) for t in sorted({t for p, t, _ in groups if p == protocol}))
     ax.set_title(f'trained at L = {lengths}; {protocol} windows{extra}')
     ax.grid(True, which='both', alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    _legend(ax)
   return fig
 
 
@@ -103,47 +100,52 @@ def _log_bins(values: np.ndarray, weights: np.ndarray, bins: int) -> tuple[np.nd
 
 
 def per_position_figure(rows: Sequence[Row], bins: int = 80) -> Figure:
-  """Loss vs position (log-x) at each series' longest evaluation length, averaged over seeds."""
-  fig = Figure(figsize=(7.2, 4.8), layout='constrained')
+  """Loss vs position in the window (log-x), averaged over windows, lengths and seeds.
+
+  With non-overlapping windows every evaluation length contributes: in a causal model the loss at
+  position p depends only on the p tokens before it in its window, not on how far the window runs
+  past p, so position p averages the windows of every length > p (many at small p, the few of the
+  longest length at large p). With sliding windows only the longest length is drawn.
+  """
+  fig = Figure(figsize=(8.4, 4.8), layout='constrained')
   ax = fig.add_subplot()
-  variants = _variant_order(rows)
-  latest = {results.row_key(r): r for r in rows}.values()
-  longest: dict[tuple, int] = {}
-  for r in latest:
-    key = (r['protocol'], r['train_len'], results.series_label(r))
-    longest[key] = max(longest.get(key, 0), r['eval_len'])
-  protocols = {p for p, _, _ in longest}
+  latest = list({results.row_key(r): r for r in rows}.values())
+  protocols = {r['protocol'] for r in latest}
   protocol = 'nonoverlapping' if 'nonoverlapping' in protocols else min(protocols, default=None)
-  sums: dict[tuple, list] = defaultdict(lambda: [0.0, 0.0])
+  latest = [r for r in latest if r['protocol'] == protocol]
+  longest: dict[tuple, int] = defaultdict(int)
   for r in latest:
-    key = (r['protocol'], r['train_len'], results.series_label(r))
-    if r['protocol'] == protocol and r['eval_len'] == longest[key]:
-      loss, count = np.nan_to_num(np.asarray(r['loss'], np.float64)), np.asarray(r['count'], np.float64)
-      sums[key][0] += loss * count
-      sums[key][1] += count
+    key = (r['train_len'], results.series_label(r))
+    longest[key] = max(longest[key], r['eval_len'])
+  sums = {key: [np.zeros(n), np.zeros(n)] for key, n in longest.items()}
+  for r in latest:
+    key = (r['train_len'], results.series_label(r))
+    if protocol == 'nonoverlapping' or r['eval_len'] == longest[key]:
+      count = np.asarray(r['count'], np.float64)
+      loss = np.where(count > 0, np.nan_to_num(np.asarray(r['loss'], np.float64)), 0.0)
+      sums[key][0][:len(loss)] += loss * count
+      sums[key][1][:len(count)] += count
   order = results.series_order(rows)
-  for (_, train_len, label), (total, count) in sorted(sums.items(),
-                                                      key=lambda kv: (kv[0][1], order(kv[0][2]))):
-    with np.errstate(invalid='ignore', divide='ignore'):
-      mean = np.where(count > 0, total / np.maximum(count, 1), 0.0)
+  styles = _styles(sorted({label for _, label in sums}, key=order))
+  for (_, label), (total, count) in sorted(sums.items(), key=lambda kv: (kv[0][0], order(kv[0][1]))):
+    mean = np.where(count > 0, total / np.maximum(count, 1), 0.0)
     xs, ys = _log_bins(mean, count, bins)
-    ax.plot(xs, ys, label=label, **{**_style(label, variants), 'marker': None})
-  for train_len in sorted({t for _, t, _ in sums}):
+    ax.plot(xs, ys, label=label, **{**styles[label], 'marker': None})
+  for train_len in sorted({t for t, _ in sums}):
     ax.axvline(train_len, color='0.4', linewidth=1, linestyle=':', label=f'train length {train_len}')
   longest_len = max(longest.values(), default=1)
   _plain_log_axes(ax, [2 ** k for k in range(int(np.log2(longest_len)) + 1)], log_y=False)
   ax.set_xlabel('position in the window (tokens)')
   ax.set_ylabel('loss (nats/token)')
-  ax.set_title(f'loss per position, {protocol} windows at the longest length')
+  ax.set_title(f'loss per position ({protocol} windows)')
   ax.grid(True, which='both', alpha=0.3)
-  ax.legend(fontsize=7, ncol=2)
+  _legend(ax)
   return fig
 
 
 def passkey_figure(rows: Sequence[Row]) -> Figure:
   """One heatmap per series: accuracy by context length (x) and needle depth (y), mean over seeds."""
   latest = {results.row_key(r, results.PASSKEY_KEY_FIELDS): r for r in rows}.values()
-  variants = _variant_order(rows)
   cells: dict[str, dict[tuple, list[float]]] = defaultdict(lambda: defaultdict(list))
   for r in latest:
     cells[results.series_label(r)][(r['eval_len'], r['depth'])].append(r['accuracy'])

@@ -129,12 +129,14 @@ def _fmt(values: Sequence[float], digits: int = 2) -> str:
   return text + (f' ± {spread:.{digits}f}' if len(values) > 1 else '')
 
 
-def _ratios(by_len: dict[int, list[float]], train_len: int) -> dict[int, list[float]]:
-  base = by_len.get(train_len)
-  if not base:
-    return {}
-  b = float(np.mean(base))
-  return {n: [v / b for v in vs] for n, vs in by_len.items()}
+def with_ratios(rows: Iterable[Row]) -> list[Row]:
+  """Rows with ``ppl_ratio``: ppl over the same model's (variant, seed, scaling, protocol) ppl at
+  eval_len = train_len; rows without that reference are left out."""
+  latest = list({row_key(r): r for r in rows}.values())
+  ref_fields = ('variant', 'seed', 'train_len', 'rope_scaling', 'protocol')
+  base = {row_key(r, ref_fields): r['ppl'] for r in latest if r['eval_len'] == r['train_len']}
+  return [{**r, 'ppl_ratio': r['ppl'] / base[row_key(r, ref_fields)]} for r in latest
+          if row_key(r, ref_fields) in base]
 
 
 def _table(series: dict[str, dict[int, list[float]]], lengths: list[int], digits: int,
@@ -151,6 +153,7 @@ def summary_markdown(rows: Sequence[Row], passkey_rows: Sequence[Row] = ()) -> s
   """Perplexity tables (rows = variants and RoPE scalings, columns = evaluation lengths)."""
   out = ['# Train short, test long', '']
   groups = aggregate(rows, 'ppl')
+  ratio_groups = aggregate(with_ratios(rows), 'ppl_ratio')
   order = series_order(rows)
   seeds = {r.get('seed') for r in rows}
   note = f' (mean ± std over {len(seeds)} seeds)' if len(seeds) > 1 else ''
@@ -161,9 +164,10 @@ def summary_markdown(rows: Sequence[Row], passkey_rows: Sequence[Row] = ()) -> s
     extra = f', stride {sorted(stride)[0]}' if protocol == 'sliding' and len(stride) == 1 else ''
     out += [f'## Perplexity, {protocol} windows{extra}, trained at L = {train_len}{note}', '']
     out += _table(series, lengths, 2, order) + ['']
-    ratios = {lab: _ratios(v, train_len) for lab, v in series.items()}
-    out += [f'Perplexity relative to the same model at L = {train_len}:', '']
-    out += _table({k: v for k, v in ratios.items() if v}, lengths, 2, order) + ['']
+    ratios = {lab: v for (p, t, lab), v in ratio_groups.items() if (p, t) == (protocol, train_len)}
+    if ratios:
+      out += [f'Perplexity relative to the same model at L = {train_len}:', '']
+      out += _table(ratios, lengths, 2, order) + ['']
   if passkey_rows:
     out += passkey_markdown(passkey_rows)
   policies = {r.get('learned_positions') for r in rows} - {None}

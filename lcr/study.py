@@ -99,8 +99,9 @@ def passkey_lengths(config: Config) -> tuple[int, ...]:
 def variant_config(values: Mapping[str, Any], study: Study, variant: str) -> Config:
   """The run config of one variant: model.pos = the variant's name unless its overrides set it.
 
-  A learned table is sized to the longest evaluation length (rows past L get no gradient), the
-  explicit policy that ``eval.learned_positions`` and the ``learned_positions`` field record.
+  A learned table is sized to the longest evaluation length; its rows past L get no gradient, and
+  ``eval.learned_positions`` (recorded in every row) says whether evaluation clamps positions to
+  row L − 1 or reads those untrained rows.
   """
   merged = _merge(copy.deepcopy(dict(values)), {'model': {'pos': variant}})
   config = from_config_dict(_merge(merged, study.overrides.get(variant, {})))
@@ -292,6 +293,15 @@ def run_parallel(argv: Sequence[str], variants: Sequence[str], workdir: str, par
                        'run the same command again to resume')
 
 
+def _longest_first(values: Mapping[str, Any], study: Study) -> list[str]:
+  """Variants by decreasing number of evaluations (RoPE, with its scalings, first), so the
+  longest job does not start last and leave a core idle."""
+  def tasks(variant):
+    config = variant_config(values, study, variant)
+    return len(evaluate.plan_tasks(config.model, config.eval, config.train.seq_len))
+  return sorted(study.variants, key=tasks, reverse=True)
+
+
 def run_study(config: Mapping[str, Any], workdir: str, *, worker_argv: Sequence[str] | None = None,
               only: str | None = None, plots_only: bool = False) -> dict[str, str]:
   """The whole study (or one variant with ``only``); returns the files drawn from the results.
@@ -312,7 +322,7 @@ def run_study(config: Mapping[str, Any], workdir: str, *, worker_argv: Sequence[
     start = time.perf_counter()
     if study.parallel > 1 and worker_argv is not None and len(study.variants) > 1:
       prepare_data(values, study)
-      run_parallel(worker_argv, study.variants, workdir, study.parallel)
+      run_parallel(worker_argv, _longest_first(values, study), workdir, study.parallel)
     else:
       loaded: dict[tuple, EvalData] = {}
       for variant in study.variants:

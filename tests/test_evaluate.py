@@ -177,7 +177,8 @@ def test_scaled_config_factor_and_identity_cases():
 def test_learned_position_policy_is_explicit():
   cfg = ModelConfig(pos='learned', max_len=256)
   assert evaluate.learned_position_limit(cfg, EvalConfig(learned_positions='clamp'), 64, 256) == 63
-  assert evaluate.learned_position_limit(cfg, EvalConfig(), 64, 256) is None
+  assert evaluate.learned_position_limit(cfg, EvalConfig(learned_positions='untrained'), 64,
+                                         256) is None
   assert evaluate.learned_position_limit(ModelConfig(pos='alibi'), EvalConfig(), 64, 4096) is None
   with pytest.raises(ConfigError, match='model.max_len=256'):
     evaluate.learned_position_limit(cfg, EvalConfig(), 64, 512)

@@ -51,7 +51,7 @@ def test_smoke_study_writes_every_row_and_figure(smoke_study):
   assert got == sorted([('learned', 'none', 'nonoverlapping', 48), ('learned', 'none', 'nonoverlapping', 96)]
                        + [('rope', s, 'nonoverlapping', n) for s in ('none', 'yarn') for n in (48, 96)])
   learned = [r for r in rows if r['variant'] == 'learned']
-  assert {r['learned_positions'] for r in learned} == {'untrained'}
+  assert {r['learned_positions'] for r in learned} == {'clamp'}
   assert {r['learned_positions'] for r in rows if r['variant'] == 'rope'} == {None}
   yarn = {r['eval_len']: r for r in rows if r['rope_scaling'] == 'yarn'}
   none = {r['eval_len']: r for r in rows if r['variant'] == 'rope' and r['rope_scaling'] == 'none'}

@@ -55,8 +55,13 @@ def test_summary_table_mean_and_spread():
   spread = np.std([4.0, 4.2], ddof=1)
   assert alibi == f'| alibi | 4.10 ± {spread:.2f} | 4.10 ± {spread:.2f} | 4.10 ± {spread:.2f} |'
   assert '| rope + yarn |' in text and 'mean ± std over 2 seeds' in text
+  # Ratios pair each seed with its own train-length perplexity.
   learned_ratio = [line for line in text.splitlines() if line.startswith('| learned |')][1]
-  assert learned_ratio.split('|')[4].strip().startswith(f'{np.mean([12 / 4.1, 12.2 / 4.1]):.2f}')
+  ratios = [12 / 4, 12.2 / 4.2]
+  assert learned_ratio.split('|')[4].strip() == (
+      f'{np.mean(ratios):.2f} ± {np.std(ratios, ddof=1):.2f}')
+  alibi_ratio = [line for line in text.splitlines() if line.startswith('| alibi |')][1]
+  assert alibi_ratio == '| alibi | 1.00 ± 0.00 | 1.00 ± 0.00 | 1.00 ± 0.00 |'
   assert 'untrained' in text
 
 
@@ -113,6 +118,10 @@ def test_draw_all_from_result_files_alone(tmp_path):
   lines = pp_fig.axes[0].get_lines()
   assert [line.get_label() for line in lines][:4] == ['learned', 'rope', 'rope + yarn', 'alibi']
   assert max(lines[0].get_xdata()) <= 512 and min(lines[0].get_ydata()) >= 1.0
+  # Positions pool every length: position 0 has loss 1 in every row, the last position only
+  # appears in the 512-token windows (loss 2 there).
+  assert lines[0].get_ydata()[0] == pytest.approx(1.0)
+  assert 1.9 < lines[0].get_ydata()[-1] <= 2.0
   pk_fig = plots.passkey_figure(results.read_rows(str(work_a / results.PASSKEY)))
   assert [ax.get_title() for ax in pk_fig.axes[:2]] == ['rope', 'alibi']
   assert json.loads(open(work_a / results.RESULTS).readline())['variant'] == 'alibi'
