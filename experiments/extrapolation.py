@@ -62,7 +62,7 @@ def main(argv: list[str]) -> None:
   from lcr import checkpoint, sharding, study, train
   from lcr.data import CorpusUnavailableError
   user_errors = (cli.ConfigError, CorpusUnavailableError, checkpoint.CheckpointError,
-                 train.WorkdirError, train.TrainingError)
+                 train.WorkdirError, train.TrainingError, study.StudyError)
   worker_argv = [sys.executable, os.path.abspath(__file__)] + [
       a for a in sys.argv[1:] if not a.startswith(('--only', '--plots_only', '--noplots_only'))]
   try:

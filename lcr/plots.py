@@ -102,10 +102,12 @@ def _log_bins(values: np.ndarray, weights: np.ndarray, bins: int) -> tuple[np.nd
 def per_position_figure(rows: Sequence[Row], bins: int = 80) -> Figure:
   """Loss vs position in the window (log-x), averaged over windows, lengths and seeds.
 
-  With non-overlapping windows every evaluation length contributes: in a causal model the loss at
-  position p depends only on the p tokens before it in its window, not on how far the window runs
-  past p, so position p averages the windows of every length > p (many at small p, the few of the
-  longest length at large p). With sliding windows only the longest length is drawn.
+  With non-overlapping windows every evaluation length whose model is the same contributes: in a
+  causal model the loss at position p depends only on the p tokens before it in its window, not on
+  how far the window runs past p, so position p averages the windows of every length > p (many at
+  small p, the few of the longest length at large p). A RoPE scaling whose factor grows with the
+  length is a different model at each length: only rows with the longest row's ``rope_factor``
+  are pooled. With sliding windows only the longest length is drawn.
   """
   fig = Figure(figsize=(8.4, 4.8), layout='constrained')
   ax = fig.add_subplot()
@@ -114,13 +116,16 @@ def per_position_figure(rows: Sequence[Row], bins: int = 80) -> Figure:
   protocol = 'nonoverlapping' if 'nonoverlapping' in protocols else min(protocols, default=None)
   latest = [r for r in latest if r['protocol'] == protocol]
   longest: dict[tuple, int] = defaultdict(int)
+  factor: dict[tuple, float] = {}
   for r in latest:
     key = (r['train_len'], results.series_label(r))
-    longest[key] = max(longest[key], r['eval_len'])
+    if r['eval_len'] > longest[key]:
+      longest[key], factor[key] = r['eval_len'], r.get('rope_factor', 1.0)
   sums = {key: [np.zeros(n), np.zeros(n)] for key, n in longest.items()}
   for r in latest:
     key = (r['train_len'], results.series_label(r))
-    if protocol == 'nonoverlapping' or r['eval_len'] == longest[key]:
+    same_model = r.get('rope_factor', 1.0) == factor[key]
+    if (protocol == 'nonoverlapping' and same_model) or r['eval_len'] == longest[key]:
       count = np.asarray(r['count'], np.float64)
       loss = np.where(count > 0, np.nan_to_num(np.asarray(r['loss'], np.float64)), 0.0)
       sums[key][0][:len(loss)] += loss * count

@@ -154,6 +154,7 @@ def summary_markdown(rows: Sequence[Row], passkey_rows: Sequence[Row] = ()) -> s
   out = ['# Train short, test long', '']
   groups = aggregate(rows, 'ppl')
   ratio_groups = aggregate(with_ratios(rows), 'ppl_ratio')
+  bpb_groups = aggregate(rows, 'bpb')
   order = series_order(rows)
   seeds = {r.get('seed') for r in rows}
   note = f' (mean ± std over {len(seeds)} seeds)' if len(seeds) > 1 else ''
@@ -168,6 +169,9 @@ def summary_markdown(rows: Sequence[Row], passkey_rows: Sequence[Row] = ()) -> s
     if ratios:
       out += [f'Perplexity relative to the same model at L = {train_len}:', '']
       out += _table(ratios, lengths, 2, order) + ['']
+    bpb = {lab: v for (p, t, lab), v in bpb_groups.items() if (p, t) == (protocol, train_len)}
+    out += ['Bits per byte (comparable across tokenizers):', '']
+    out += _table(bpb, lengths, 3, order) + ['']
   if passkey_rows:
     out += passkey_markdown(passkey_rows)
   policies = {r.get('learned_positions') for r in rows} - {None}

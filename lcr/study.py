@@ -38,6 +38,10 @@ EVAL_TIME_FIELDS = ('yarn_beta_fast', 'yarn_beta_slow', 'attention_backend')
 SINGLE_THREAD_XLA_FLAGS = '--xla_cpu_multi_thread_eigen=false'
 
 
+class StudyError(Exception):
+  """A variant's worker process failed; the message names it and its log."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Study:
   """The ``study`` section of an extrapolation config."""
@@ -252,17 +256,23 @@ def prepare_data(values: Mapping[str, Any], study: Study) -> None:
   pipeline.prepare_data(config.data, (config.eval.split,))
 
 
+CORE_ENV = 'LCR_WORKER_CORE'
+
+
+def pin_worker() -> None:
+  """In a worker process: keep this process (and the threads it starts) on the core it was given."""
+  core = os.environ.get(CORE_ENV)
+  if core is not None:
+    os.sched_setaffinity(0, {int(core)})
+
+
 def _worker(argv: Sequence[str], variant: str, core: int, log_path: str) -> subprocess.Popen:
   env = dict(os.environ)
   env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' ' + SINGLE_THREAD_XLA_FLAGS).strip()
   cores = sorted(os.sched_getaffinity(0))
-  pin = cores[core % len(cores)]
-  log = open(log_path, 'a')   # the child holds the descriptor; the parent's copy closes below
-  try:
-    return subprocess.Popen([*argv, f'--only={variant}'], env=env, stdout=log, stderr=log,
-                            preexec_fn=lambda: os.sched_setaffinity(0, {pin}))
-  finally:
-    log.close()
+  env[CORE_ENV] = str(cores[core % len(cores)])
+  with open(log_path, 'a') as log:
+    return subprocess.Popen([*argv, f'--only={variant}'], env=env, stdout=log, stderr=log)
 
 
 def run_parallel(argv: Sequence[str], variants: Sequence[str], workdir: str, parallel: int) -> None:
@@ -289,8 +299,8 @@ def run_parallel(argv: Sequence[str], variants: Sequence[str], workdir: str, par
         else:
           logging.info('%s: done', variant)
   if failed:
-    raise RuntimeError(f'variants {[v for v, _ in failed]} failed; see {[p for _, p in failed]}; '
-                       'run the same command again to resume')
+    raise StudyError(f'variants {[v for v, _ in failed]} failed; see {[p for _, p in failed]}; '
+                     'fix the cause and run the same command again to resume')
 
 
 def _longest_first(values: Mapping[str, Any], study: Study) -> list[str]:
@@ -314,6 +324,7 @@ def run_study(config: Mapping[str, Any], workdir: str, *, worker_argv: Sequence[
   if only is not None:
     if only not in study.variants:
       raise ConfigError(f'--only={only!r} is not one of study.variants={study.variants}')
+    pin_worker()
     run_variant(values, study, only, workdir)
     return {}
   if not plots_only:

@@ -149,3 +149,15 @@ def test_sweep_dry_run_prints_exact_commands():
                       '--config.study.variants=rope --config.seed=0 --config.train.seq_len=48')
   last = shlex.split(tpu[-1])
   assert '--worker=0' in last and last[-1].endswith('--workdir=/data/s --combine_only')
+
+
+def test_worker_processes_run_each_variant_pinned_and_report_failures(tmp_path):
+  code = ('import os, sys; from lcr import study; study.pin_worker(); v = sys.argv[-1].split("=")[1]; '
+          f'open(os.path.join({str(tmp_path)!r}, v + ".out"), "w").write('
+          'str(len(os.sched_getaffinity(0))) + os.environ["XLA_FLAGS"]); sys.exit(v == "bad")')
+  study.run_parallel([sys.executable, '-c', code], ['a', 'b', 'c'], str(tmp_path), 2)
+  for v in 'abc':
+    out = open(tmp_path / f'{v}.out').read()
+    assert out.startswith('1') and out.endswith(study.SINGLE_THREAD_XLA_FLAGS)   # one core each
+  with pytest.raises(study.StudyError, match=r"\['bad'\] failed.*bad.log"):
+    study.run_parallel([sys.executable, '-c', code], ['d', 'bad'], str(tmp_path), 2)

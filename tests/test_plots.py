@@ -62,6 +62,9 @@ def test_summary_table_mean_and_spread():
       f'{np.mean(ratios):.2f} ± {np.std(ratios, ddof=1):.2f}')
   alibi_ratio = [line for line in text.splitlines() if line.startswith('| alibi |')][1]
   assert alibi_ratio == '| alibi | 1.00 ± 0.00 | 1.00 ± 0.00 | 1.00 ± 0.00 |'
+  alibi_bpb = [line for line in text.splitlines() if line.startswith('| alibi |')][2]
+  bpb = [math.log2(4.0), math.log2(4.2)]
+  assert alibi_bpb.split('|')[2].strip() == f'{np.mean(bpb):.3f} ± {np.std(bpb, ddof=1):.3f}'
   assert 'untrained' in text
 
 
@@ -125,3 +128,17 @@ def test_draw_all_from_result_files_alone(tmp_path):
   pk_fig = plots.passkey_figure(results.read_rows(str(work_a / results.PASSKEY)))
   assert [ax.get_title() for ax in pk_fig.axes[:2]] == ['rope', 'alibi']
   assert json.loads(open(work_a / results.RESULTS).readline())['variant'] == 'alibi'
+
+
+def test_per_position_pools_lengths_only_for_the_same_model():
+  rows = []
+  for scaling in ('none', 'yarn'):
+    for n, loss in ((128, 3.0), (512, 1.0)):
+      rows.append(dict(variant='rope', pos='rope', seed=0, rope_scaling=scaling, protocol='nonoverlapping',
+                       stride=0, train_len=64, eval_len=n, loss=[loss] * n, count=[2] * n,
+                       rope_factor=1.0 if scaling == 'none' else n / 64))
+  lines = {line.get_label(): line for line in plots.per_position_figure(rows).axes[0].get_lines()}
+  # Unscaled RoPE is one model at every length: position 0 averages both lengths' windows.
+  assert lines['rope'].get_ydata()[0] == pytest.approx(2.0)
+  # YaRN's factor is eval_len / L: the 128-token windows ran another model, so only 512 counts.
+  assert lines['rope + yarn'].get_ydata()[0] == pytest.approx(1.0)
