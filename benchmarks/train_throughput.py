@@ -2,18 +2,23 @@
 
     python benchmarks/train_throughput.py                 # all three, on the default device
     python benchmarks/train_throughput.py --configs=a --steps=50
+    python benchmarks/train_throughput.py --compare_layouts   # also without lcr.matmul_layout
 
-Prints a table and one JSON object per config: tokens/s, FLOP/s counted as 6·N + 6·L·T·D per token
+Prints a table and one JSON object per run: tokens/s, FLOP/s counted as 6·N + 6·L·T·D per token
 (N parameters, L layers, T sequence length, D width), and that as a fraction of this machine's
-measured float32 matmul peak (and of the vendor peak, i.e. MFU, on a GPU or TPU whose peak is known).
-Models: learned positions, GELU MLP, tied embeddings, a 128-symbol vocabulary, float32.
+float32 matmul peak, measured (chained square matmuls) next to each run (and of the vendor peak,
+i.e. MFU, on a GPU or TPU whose peak is known). Models: learned positions, GELU MLP, tied
+embeddings, a 128-symbol vocabulary, float32, one device.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,9 +34,11 @@ MODELS = {'a': (4, 128, 4, 64, 12), 'b': (4, 256, 4, 256, 16), 'c': (6, 384, 6, 
 _CONFIGS = flags.DEFINE_list('configs', ['a', 'b', 'c'], 'which of a, b, c to run')
 _STEPS = flags.DEFINE_integer('steps', 10, 'timed steps per config (after warmup)')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'timed runs per config; the best is reported')
+_COMPARE = flags.DEFINE_bool('compare_layouts', False, 'also time the step with the dense layers '
+                             'as the model writes them ([B, T, D] matmuls), without lcr.matmul_layout')
 
 
-def matmul_peak(sizes=(512, 1024, 2048), repeats: int = 5) -> float:
+def matmul_peak(sizes=(1024, 2048), repeats: int = 3) -> float:
   """The best float32 FLOP/s of a square matmul (8 chained per call, so dispatch is amortised)."""
   best = 0.0
   for n in sizes:
@@ -60,9 +67,17 @@ def model_config(name: str) -> C.Config:
       mesh=C.MeshConfig(shape=(1, 1, 1)))
 
 
-def throughput(cfg: C.Config, steps: int, repeats: int) -> tuple[float, int]:
+def _model_layout(next_fun, args, kwargs, context):
+  """Interceptor that calls each method directly, skipping lcr.matmul_layout's flattening."""
+  del next_fun
+  return context.orig_method(*args, **kwargs)
+
+
+def throughput(cfg: C.Config, steps: int, repeats: int, model_layout: bool = False) -> tuple[float, int]:
   """(tokens/s of the best of ``repeats`` runs of ``steps`` steps, parameter count)."""
   device = jax.devices()[0]
+  if model_layout:   # a distinct config, so the step is traced (under the interceptor) afresh
+    cfg = dataclasses.replace(cfg, seed=cfg.seed + 1)
   trainer = step.make_trainer(cfg, mesh=sharding.make_mesh(cfg.mesh, devices=[device]))
   state = trainer.init_state()
   b, t = cfg.train.batch_size, cfg.train.seq_len
@@ -72,7 +87,9 @@ def throughput(cfg: C.Config, steps: int, repeats: int) -> tuple[float, int]:
       inputs=tokens[:, :-1], targets=tokens[:, 1:], weights=np.ones((b, t), np.float32),
       positions=np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)),
       segment_ids=np.ones((b, t), np.int32)), trainer.batch_sharding)
-  for _ in range(3):   # compile and warm up
+  with nn.intercept_methods(_model_layout) if model_layout else contextlib.nullcontext():
+    state, m = trainer.train_step(state, batch)   # traced and compiled here
+  for _ in range(2):
     state, m = trainer.train_step(state, batch)
   jax.block_until_ready(m)
   best = 0.0
@@ -88,26 +105,28 @@ def throughput(cfg: C.Config, steps: int, repeats: int) -> tuple[float, int]:
 def main(argv):
   del argv
   device = jax.devices()[0]
-  peak = matmul_peak()
   vendor = metrics.peak_flops(device.device_kind, 'float32')
-  print(f'device: {device.device_kind} ({jax.device_count()} device(s)); measured float32 matmul '
-        f'peak {peak / 1e9:.1f} GFLOP/s' + (f'; vendor peak {vendor / 1e12:.0f} TFLOP/s' if vendor else ''))
-  print(f'{"cfg":<4}{"layers":>7}{"d":>5}{"heads":>6}{"T":>5}{"B":>4}{"params":>11}'
-        f'{"tokens/s":>11}{"GFLOP/s":>9}{"of peak":>9}' + ('    MFU' if vendor else ''))
+  print(f'device: {device.device_kind} ({jax.device_count()} device(s))'
+        + (f'; vendor float32 peak {vendor / 1e12:.0f} TFLOP/s' if vendor else ''))
+  print(f'{"cfg":<4}{"layout":>7}{"layers":>7}{"d":>5}{"heads":>6}{"T":>5}{"B":>4}{"params":>11}'
+        f'{"tokens/s":>10}{"GFLOP/s":>9}{"peak":>7}{"of peak":>9}' + ('    MFU' if vendor else ''))
   rows = []
   for name in _CONFIGS.value:
-    cfg = model_config(name)
-    tps, n = throughput(cfg, _STEPS.value, _REPEATS.value)
-    flops = metrics.flops_per_token(cfg.model, n, cfg.train.seq_len) * tps
-    row = dict(config=name, layers=cfg.model.num_layers, d_model=cfg.model.d_model,
-               heads=cfg.model.num_heads, seq_len=cfg.train.seq_len, batch=cfg.train.batch_size,
-               params=n, tokens_per_s=tps, flops_per_s=flops, matmul_peak_flops_per_s=peak,
-               fraction_of_matmul_peak=flops / peak, device=device.device_kind,
-               mfu=flops / vendor if vendor else None)
-    rows.append(row)
-    print(f'{name:<4}{row["layers"]:>7}{row["d_model"]:>5}{row["heads"]:>6}{row["seq_len"]:>5}'
-          f'{row["batch"]:>4}{n:>11,}{tps:>11,.0f}{flops / 1e9:>9.1f}{flops / peak:>9.1%}'
-          + (f'{flops / vendor:>7.1%}' if vendor else ''), flush=True)
+    for model_layout in (False, True) if _COMPARE.value else (False,):
+      cfg = model_config(name)
+      peak = matmul_peak()   # measured next to each run: a busy machine lowers both alike
+      tps, n = throughput(cfg, _STEPS.value, _REPEATS.value, model_layout)
+      flops = metrics.flops_per_token(cfg.model, n, cfg.train.seq_len) * tps
+      row = dict(config=name, layout='model' if model_layout else '2d', layers=cfg.model.num_layers,
+                 d_model=cfg.model.d_model, heads=cfg.model.num_heads, seq_len=cfg.train.seq_len,
+                 batch=cfg.train.batch_size, params=n, tokens_per_s=tps, flops_per_s=flops,
+                 matmul_peak_flops_per_s=peak, fraction_of_matmul_peak=flops / peak,
+                 device=device.device_kind, mfu=flops / vendor if vendor else None)
+      rows.append(row)
+      print(f'{name:<4}{row["layout"]:>7}{row["layers"]:>7}{row["d_model"]:>5}{row["heads"]:>6}'
+            f'{row["seq_len"]:>5}{row["batch"]:>4}{n:>11,}{tps:>10,.0f}{flops / 1e9:>9.1f}'
+            f'{peak / 1e9:>7.0f}{flops / peak:>9.1%}' + (f'{flops / vendor:>7.1%}' if vendor else ''),
+            flush=True)
   for row in rows:
     print(json.dumps(row))
 
