@@ -50,19 +50,13 @@ def _exit(message: str, status: int = EXIT_USER_ERROR):
   sys.exit(status)
 
 
-class _QuietLibraries(std_logging.Filter):
-  """Keeps checkpoint-library chatter out of the progress log (warnings still pass)."""
-
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
-
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     _exit(f'unexpected arguments {argv[1:]}')
   if not _CONFIG.value or not _WORKDIR.value:
     _exit('--config=FILE[:PRESET] and --workdir=DIR are required')
-  std_logging.getLogger('absl').addFilter(_QuietLibraries())
+  std_logging.getLogger('absl').addFilter(cli.QuietLibraries())
   logging.set_verbosity(logging.INFO)
 
   # Imported after flag parsing: everything below may touch JAX, which multi-host start-up precedes.

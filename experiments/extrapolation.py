@@ -46,17 +46,13 @@ def _parse_flags(argv: list[str]) -> list[str]:
     _exit(f'{err} (see --helpshort)')
 
 
-class _QuietLibraries(std_logging.Filter):
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
-
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     _exit(f'unexpected arguments {argv[1:]}')
   if not _CONFIG.value or not _WORKDIR.value:
     _exit('--config=configs/extrapolation.py:PRESET and --workdir=DIR are required')
-  std_logging.getLogger('absl').addFilter(_QuietLibraries())
+  std_logging.getLogger('absl').addFilter(cli.QuietLibraries())
   logging.set_verbosity(logging.INFO)
 
   from lcr import checkpoint, sharding, study, train

@@ -9,6 +9,7 @@ is a ConfigError that names it.
 from __future__ import annotations
 
 import ast
+import logging as std_logging
 import importlib.util
 import os
 from collections.abc import Sequence
@@ -114,3 +115,10 @@ def load(spec: str, overrides: Sequence[str] = ()) -> Config:
   for override in overrides:
     apply_override(cd, override)
   return from_config_dict(cd)
+
+
+class QuietLibraries(std_logging.Filter):
+  """Keeps checkpoint-library chatter out of the progress log (warnings still pass)."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname

@@ -19,6 +19,7 @@ dropped or duplicated. Unpacked rows (``DocumentRows``) hold one document each, 
 
 from __future__ import annotations
 
+import abc
 from typing import Any
 
 import numpy as np
@@ -52,7 +53,7 @@ def window_example(tokens: np.ndarray, doc_offsets: np.ndarray, start: int, stop
   }
 
 
-class _StreamRows:
+class _StreamRows(abc.ABC):
   """Shared plumbing: opens the memory map lazily so the source pickles cheaply into grain workers."""
 
   def __init__(self, stream: TokenStream, seq_len: int, pad_id: int):
@@ -78,8 +79,9 @@ class _StreamRows:
       raise IndexError(f'row {index} out of range [0, {len(self)})')
     return index
 
+  @abc.abstractmethod
   def __len__(self) -> int:
-    raise NotImplementedError
+    """Number of rows."""
 
 
 class PackedRows(_StreamRows):
