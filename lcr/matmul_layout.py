@@ -17,6 +17,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 
+from lcr import layers
+
 
 def _trailing(axes: Any, ndim: int) -> int | None:
   """How many trailing dims ``axes`` (DenseGeneral.axis) names, or None if not exactly the last ones."""
@@ -30,6 +32,8 @@ def _contracted(module: nn.Module, method: str, x: jax.Array) -> int | None:
     return 1
   if isinstance(module, nn.DenseGeneral) and method == '__call__' and not module.batch_dims:
     return _trailing(module.axis, x.ndim)
+  if isinstance(module, layers.Projection) and method == '__call__':
+    return module.contract
   if isinstance(module, nn.Embed) and method == 'attend':
     return 1
   return None

@@ -24,10 +24,7 @@ class Attention(nn.Module):
 
   def _project(self, x, heads: int, axes: tuple[str, ...], name: str) -> jax.Array:
     cfg = self.cfg
-    y = nn.DenseGeneral(
-        (heads, cfg.head_dim), use_bias=False, dtype=jnp.dtype(cfg.dtype),
-        param_dtype=jnp.dtype(cfg.param_dtype), name=name,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes))(x)
+    y = layers.projection(cfg, (heads, cfg.head_dim), axes, name)(x)
     return nn.with_logical_constraint(y, ('batch', 'length', axes[1], 'kv'))
 
   def _qkv(self, x_BxTxD, context_BxSxD):
@@ -40,11 +37,7 @@ class Attention(nn.Module):
   def _output(self, out_BxTxHxD) -> jax.Array:
     cfg = self.cfg
     out = nn.with_logical_constraint(out_BxTxHxD, ('batch', 'length', 'heads', 'kv'))
-    return nn.DenseGeneral(
-        cfg.d_model, axis=(-2, -1), use_bias=False, dtype=jnp.dtype(cfg.dtype),
-        param_dtype=jnp.dtype(cfg.param_dtype), name='out',
-        kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(),
-                                                 ('heads', 'kv', 'embed')))(out)
+    return layers.projection(cfg, (cfg.d_model,), ('heads', 'kv', 'embed'), 'out', contract=2)(out)
 
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT, segments_BxT, pos_table) -> jax.Array:
@@ -149,7 +142,11 @@ class TransformerLM(nn.Module):
                      param_dtype=jnp.dtype(cfg.param_dtype), name='token_embedding',
                      embedding_init=nn.with_logical_partitioning(
                          nn.initializers.normal(stddev=token_dim ** -0.5), ('vocab', 'embed')))
-    x = embed(tokens_BxT) * jnp.asarray(token_dim ** 0.5, jnp.dtype(cfg.dtype))
+    # The lookup reads the whole table (all-gathered from its vocab and embed shards), so each
+    # device gathers the rows of its own part of the batch.
+    table = nn.with_logical_constraint(embed.embedding, (None, None))
+    x = jnp.take(table, tokens_BxT, axis=0).astype(jnp.dtype(cfg.dtype))
+    x = x * jnp.asarray(token_dim ** 0.5, jnp.dtype(cfg.dtype))
     if positional.kind(cfg) == 'absolute':
       pos_dim = cfg.concat_pos_dim if concat else cfg.d_model
       pos = positional.AbsoluteEmbedding(cfg, pos_dim, name='absolute_position')(positions_BxT)

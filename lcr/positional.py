@@ -75,6 +75,8 @@ class AbsoluteEmbedding(nn.Module):
         (self.cfg.max_len, self.dim), jnp.dtype(self.cfg.param_dtype))
     # A position past the table would be clamped silently by a JAX gather; fill with NaN instead
     # so the mistake cannot go unnoticed (ModelConfig.check_length rejects it before compiling).
+    # Like the token lookup, the gather reads the whole (all-gathered) table.
+    table = nn.with_logical_constraint(table, (None, None))
     return jnp.take(table, positions_BxT, axis=0, mode='fill', fill_value=jnp.nan)
 
 

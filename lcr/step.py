@@ -127,6 +127,16 @@ def make_eval_step(model: TransformerLM):
   return eval_step
 
 
+def _under_axis_rules(fn: Callable, mesh: Mesh, config: Config) -> Callable:
+  """``fn`` traced with the mesh and config.mesh.rules in scope, so that the model's activation
+  constraints (``nn.with_logical_constraint``) become sharding constraints."""
+  @functools.wraps(fn)
+  def traced(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(config.mesh.rules):
+      return fn(*args)
+  return traced
+
+
 @functools.lru_cache(maxsize=4)
 def make_trainer(config: Config, mesh: Mesh | None = None) -> Trainer:
   """Builds the mesh (checking it and the batch against the devices) and jits the steps.
@@ -148,10 +158,10 @@ def make_trainer(config: Config, mesh: Mesh | None = None) -> Trainer:
   state_sharding = TrainState(step=repl, params=p_shardings, opt_state=opt_shardings)
   batch_sharding = sharding.batch_sharding(mesh, config.mesh)
   metric_sharding = repl
-  train_step = jax.jit(make_train_step(model, tx, schedule, config.seed),
+  train_step = jax.jit(_under_axis_rules(make_train_step(model, tx, schedule, config.seed), mesh, config),
                        in_shardings=(state_sharding, batch_sharding),
                        out_shardings=(state_sharding, metric_sharding), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(model), in_shardings=(p_shardings, batch_sharding),
+  eval_step = jax.jit(_under_axis_rules(make_eval_step(model), mesh, config), in_shardings=(p_shardings, batch_sharding),
                       out_shardings=metric_sharding)
   init = jax.jit(functools.partial(_init_state, model, tx, config.train.seq_len),
                  out_shardings=state_sharding)

@@ -100,6 +100,19 @@ def test_sharded_step_equals_single_device_step():
   assert any(not np.allclose(p1, p0) for p1, p0 in zip(flat1, initial))   # the step moved them
 
 
+def test_activation_constraints_reach_the_compiled_step(capfd):
+  cfg = tiny_config(pos='learned', max_len=16)
+  trainer = step.make_trainer(cfg)
+  batch = sharding.global_batch(random_batch(cfg), trainer.batch_sharding)
+  lowered = trainer.train_step.lower(trainer.abstract_state(), batch)
+  # The queries [batch=8, length=16, heads=4, kv=8]: rows over (data, fsdp), heads over tensor.
+  assert ('[{"data", "fsdp"}, {}, {"tensor"}, {}]> : tensor<8x16x4x8xf32>'
+          in lowered.as_text()), 'the model\'s with_logical_constraint calls were not applied'
+  lowered.compile()
+  # Every constraint is one the partitioner can meet without replicating a tensor first.
+  assert 'Involuntary full rematerialization' not in capfd.readouterr().err
+
+
 @pytest.mark.parametrize('address, processes, process_id, message', [
     (None, 2, 0, 'need --coordinator_address'),
     ('localhost:1234', None, None, 'needs --num_processes and --process_id'),
