@@ -269,6 +269,39 @@ def test_cross_attention_matches_reference(backend, spec):
   check_against_reference(backend, spec, qp, kp, qs, ks)
 
 
+def test_xla_query_with_no_visible_key_averages_values_and_passes_no_gradient_to_q():
+  """Queries 2-3 belong to a document with no keys: uniform weights, never NaN; the hand-written
+  backward pass agrees with differentiating the forward pass, masked logits included."""
+  t, s = 5, 7
+  q, k, v, _, _ = inputs(4, t, s, rows=1)
+  ct = np.random.default_rng(5).normal(size=q.shape).astype(np.float32)
+  qp, kp = np.arange(t)[None], np.arange(s)[None]
+  qs, ks = np.asarray([[1, 1, 3, 3, 1]]), np.ones((1, s), int)
+
+  def lcr(q, k, v):
+    out = attention.attend(q, k, v, q_pos=qp, k_pos=kp, q_segments=qs, k_segments=ks,
+                           causal=False, backend='xla')
+    return jnp.sum(out * ct), out
+
+  def differentiated(q, k, v):   # the same forward pass, differentiated by JAX
+    kr, vr = (jnp.repeat(x, H // KV, axis=2) for x in (k, v))
+    logits = jnp.einsum('bthd,bshd->bhts', q, kr) * D ** -0.5
+    logits = jnp.where(jnp.asarray(qs[:, None, :, None] == ks[:, None, None, :]), logits,
+                       attention.MASK_VALUE)
+    out = jnp.einsum('bhts,bshd->bthd', jax.nn.softmax(logits, axis=-1), vr)
+    return jnp.sum(out * ct), out
+
+  (_, out), grads = jax.value_and_grad(lcr, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+  (_, want), want_grads = jax.value_and_grad(differentiated, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(out)[0, 2:4],
+                             np.broadcast_to(np.repeat(v.mean(1), H // KV, axis=1), (2, H, D)),
+                             rtol=1e-5, atol=1e-6)
+  for got, wanted in zip(grads, want_grads):
+    np.testing.assert_allclose(got, wanted, rtol=1e-5, atol=1e-6)
+  assert not np.asarray(grads[0])[0, 2:4].any()
+
+
 # ----------------------------------------------------------------------------------------------
 # The patterns against hand-written pairs.
 
