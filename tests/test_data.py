@@ -331,8 +331,15 @@ def test_process_shards_are_disjoint_and_cover_the_epoch(mock_cfg):
   assert max(want.values()) == 1  # Rows are unique, so content identifies them.
   assert not set(keys[0]) & set(keys[1])
   assert collections.Counter(keys[0] + keys[1]) == want
-  with pytest.raises(ValueError, match='multiple of process_count'):
+  with pytest.raises(ValueError, match=r'train\.batch_size=3 .*multiple of the 2 processes'):
     make_train_iterator(cfg, seq_len=7, batch_size=3, seed=0, process_index=0, process_count=2)
+
+
+def test_a_corpus_too_small_for_every_process_names_train_seq_len(mock_cfg):
+  rows = len(train_rows(mock_cfg, 7))
+  with pytest.raises(ConfigError, match=rf'train\.seq_len=7 .*only {rows} rows .*process {rows} of'):
+    make_train_iterator(mock_cfg, seq_len=7, batch_size=rows + 1, seed=0, process_index=rows,
+                        process_count=rows + 1)
 
 
 def test_restored_iterator_continues_with_the_same_batches(mock_cfg, tmp_path):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import grain
 import numpy as np
 
+from lcr.config import fail
 from lcr.data.config import DataConfig
 from lcr.data.packing import ROW_LAYOUTS, DocumentRows, PackedRows
 from lcr.data.token_cache import TokenStream, load_tokens
@@ -49,8 +50,8 @@ def _check_sharding(batch_size: int, process_index: int, process_count: int) -> 
   if process_count < 1 or not 0 <= process_index < process_count:
     raise ValueError(f'need 0 <= process_index < process_count, got {process_index}, {process_count}')
   if batch_size < 1 or batch_size % process_count:
-    raise ValueError(f'batch_size {batch_size} (global) must be a positive multiple of process_count '
-                     f'{process_count}')
+    fail('train.batch_size', batch_size, f'the global batch must be a positive multiple of the '
+         f'{process_count} processes, each of which reads its own rows')
   return batch_size // process_count
 
 
@@ -73,8 +74,9 @@ def make_train_dataset(data_cfg: DataConfig, *, seq_len: int, batch_size: int, s
   rows = train_rows(data_cfg, seq_len)
   dataset = grain.MapDataset.source(rows)[process_index::process_count]
   if len(dataset) == 0:
-    raise ValueError(f'process {process_index} of {process_count} has no rows: the training split of '
-                     f'{data_cfg.corpus!r} has only {len(rows)} rows of seq_len {seq_len}')
+    fail('train.seq_len', seq_len, f'the {data_cfg.train_split!r} split of {data_cfg.corpus!r} '
+         f'makes only {len(rows)} rows of that length, so process {process_index} of '
+         f'{process_count} gets none; use a shorter train.seq_len or a larger corpus')
   if data_cfg.shuffle:
     dataset = dataset.shuffle(seed=combined_seed(data_cfg, seed))
   dataset = dataset.repeat().batch(local_batch, drop_remainder=True)
