@@ -22,6 +22,8 @@ import time
 
 from absl import app, flags
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 _LENGTHS = flags.DEFINE_list('lengths', '1024,2048,4096,8192,16384,32768,65536', 'tokens')
 _BACKENDS = flags.DEFINE_list('backends', 'xla,chunked', 'attention backends')
 _VARIANTS = flags.DEFINE_list('variants', 'causal,sliding', 'model.attention variants')

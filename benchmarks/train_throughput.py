@@ -3,6 +3,7 @@
     python benchmarks/train_throughput.py                 # all three, on the default device
     python benchmarks/train_throughput.py --configs=a --steps=50
     python benchmarks/train_throughput.py --compare_layouts   # also without lcr.matmul_layout
+    python benchmarks/train_throughput.py --skip_attention    # also with attention replaced by q+k+v
 
 Prints a table and one JSON object per run: tokens/s, FLOP/s counted as 6·N + 6·L·T·D per token
 (N parameters, L layers, T sequence length, D width), and that as a fraction of this machine's
@@ -16,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
+import sys
 import time
 
 import flax.linen as nn
@@ -24,9 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from lcr import config as C
-from lcr import metrics, sharding, step
-from lcr.data.config import DataConfig
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lcr import config as C  # noqa: E402
+from lcr import metrics, sharding, step  # noqa: E402
+from lcr.data.config import DataConfig  # noqa: E402
 
 #                (layers, d_model, heads, seq_len, batch)
 MODELS = {'a': (4, 128, 4, 64, 12), 'b': (4, 256, 4, 256, 16), 'c': (6, 384, 6, 256, 16)}
@@ -36,6 +41,8 @@ _STEPS = flags.DEFINE_integer('steps', 10, 'timed steps per config (after warmup
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'timed runs per config; the best is reported')
 _COMPARE = flags.DEFINE_bool('compare_layouts', False, 'also time the step with the dense layers '
                              'as the model writes them ([B, T, D] matmuls), without lcr.matmul_layout')
+_SKIP = flags.DEFINE_bool('skip_attention', False, 'also time the step with softmax attention '
+                          'replaced by q + k + v (all projections kept): what the rest of the step costs')
 
 
 def matmul_peak(sizes=(1024, 2048), repeats: int = 3) -> float:
@@ -73,11 +80,31 @@ def _model_layout(next_fun, args, kwargs, context):
   return context.orig_method(*args, **kwargs)
 
 
-def throughput(cfg: C.Config, steps: int, repeats: int, model_layout: bool = False) -> tuple[float, int]:
+def _sum_of_inputs(q, k, v, **unused):
+  """Stands in for attention: q + k + v per query head, so every projection stays in the step."""
+  del unused
+  groups = q.shape[2] // k.shape[2]
+  return q + jnp.repeat(k, groups, axis=2) + jnp.repeat(v, groups, axis=2)
+
+
+@contextlib.contextmanager
+def attention_skipped():
+  """The ``xla`` attention backend replaced by :func:`_sum_of_inputs` while tracing."""
+  from lcr.attention import select  # pylint: disable=import-outside-toplevel
+  xla = select.BACKENDS['xla']
+  select.BACKENDS['xla'] = dataclasses.replace(xla, fn=_sum_of_inputs)
+  try:
+    yield
+  finally:
+    select.BACKENDS['xla'] = xla
+
+
+def throughput(cfg: C.Config, steps: int, repeats: int, model_layout: bool = False,
+               skip_attention: bool = False) -> tuple[float, int]:
   """(tokens/s of the best of ``repeats`` runs of ``steps`` steps, parameter count)."""
   device = jax.devices()[0]
-  if model_layout:   # a distinct config, so the step is traced (under the interceptor) afresh
-    cfg = dataclasses.replace(cfg, seed=cfg.seed + 1)
+  if model_layout or skip_attention:   # a distinct config, so the step is traced afresh
+    cfg = dataclasses.replace(cfg, seed=cfg.seed + 1 + 2 * skip_attention)
   trainer = step.make_trainer(cfg, mesh=sharding.make_mesh(cfg.mesh, devices=[device]))
   state = trainer.init_state()
   b, t = cfg.train.batch_size, cfg.train.seq_len
@@ -87,7 +114,8 @@ def throughput(cfg: C.Config, steps: int, repeats: int, model_layout: bool = Fal
       inputs=tokens[:, :-1], targets=tokens[:, 1:], weights=np.ones((b, t), np.float32),
       positions=np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)),
       segment_ids=np.ones((b, t), np.int32)), trainer.batch_sharding)
-  with nn.intercept_methods(_model_layout) if model_layout else contextlib.nullcontext():
+  with (nn.intercept_methods(_model_layout) if model_layout else contextlib.nullcontext(),
+        attention_skipped() if skip_attention else contextlib.nullcontext()):
     state, m = trainer.train_step(state, batch)   # traced and compiled here
   for _ in range(2):
     state, m = trainer.train_step(state, batch)
@@ -108,25 +136,27 @@ def main(argv):
   vendor = metrics.peak_flops(device.device_kind, 'float32')
   print(f'device: {device.device_kind} ({jax.device_count()} device(s))'
         + (f'; vendor float32 peak {vendor / 1e12:.0f} TFLOP/s' if vendor else ''))
-  print(f'{"cfg":<4}{"layout":>7}{"layers":>7}{"d":>5}{"heads":>6}{"T":>5}{"B":>4}{"params":>11}'
+  print(f'{"cfg":<4}{"layout":>7}{"attn":>8}{"layers":>7}{"d":>5}{"heads":>6}{"T":>5}{"B":>4}{"params":>11}'
         f'{"tokens/s":>10}{"GFLOP/s":>9}{"peak":>7}{"of peak":>9}' + ('    MFU' if vendor else ''))
   rows = []
+  variants = [(False, False)] + [(True, False)] * _COMPARE.value + [(False, True)] * _SKIP.value
   for name in _CONFIGS.value:
-    for model_layout in (False, True) if _COMPARE.value else (False,):
+    for model_layout, skip_attention in variants:
       cfg = model_config(name)
       peak = matmul_peak()   # measured next to each run: a busy machine lowers both alike
-      tps, n = throughput(cfg, _STEPS.value, _REPEATS.value, model_layout)
+      tps, n = throughput(cfg, _STEPS.value, _REPEATS.value, model_layout, skip_attention)
       flops = metrics.flops_per_token(cfg.model, n, cfg.train.seq_len) * tps
-      row = dict(config=name, layout='model' if model_layout else '2d', layers=cfg.model.num_layers,
+      row = dict(config=name, layout='model' if model_layout else '2d',
+                 attention='skipped' if skip_attention else 'xla', layers=cfg.model.num_layers,
                  d_model=cfg.model.d_model, heads=cfg.model.num_heads, seq_len=cfg.train.seq_len,
                  batch=cfg.train.batch_size, params=n, tokens_per_s=tps, flops_per_s=flops,
                  matmul_peak_flops_per_s=peak, fraction_of_matmul_peak=flops / peak,
                  device=device.device_kind, mfu=flops / vendor if vendor else None)
       rows.append(row)
-      print(f'{name:<4}{row["layout"]:>7}{row["layers"]:>7}{row["d_model"]:>5}{row["heads"]:>6}'
-            f'{row["seq_len"]:>5}{row["batch"]:>4}{n:>11,}{tps:>10,.0f}{flops / 1e9:>9.1f}'
-            f'{peak / 1e9:>7.0f}{flops / peak:>9.1%}' + (f'{flops / vendor:>7.1%}' if vendor else ''),
-            flush=True)
+      print(f'{name:<4}{row["layout"]:>7}{row["attention"]:>8}{row["layers"]:>7}{row["d_model"]:>5}'
+            f'{row["heads"]:>6}{row["seq_len"]:>5}{row["batch"]:>4}{n:>11,}{tps:>10,.0f}'
+            f'{flops / 1e9:>9.1f}{peak / 1e9:>7.0f}{flops / peak:>9.1%}'
+            + (f'{flops / vendor:>7.1%}' if vendor else ''), flush=True)
   for row in rows:
     print(json.dumps(row))
 
