@@ -92,6 +92,8 @@ def _parse(field: str, text: str, current: Any) -> Any:
   except (ValueError, SyntaxError):
     if current is None:
       return text
+    if isinstance(current, tuple) and all(isinstance(x, str) for x in current):
+      return tuple(word.strip() for word in text.split(',') if word.strip())   # a,b → ('a', 'b')
     raise ConfigError(f'config field {field}={text!r} is invalid: expected {_kind(current)}') from None
   if isinstance(current, tuple):
     return tuple(value) if isinstance(value, (list, tuple)) else (value,)

@@ -77,6 +77,11 @@ def test_overrides_parse_to_the_field_type():
   assert cfg.mesh.shape == (2, 2, 2) and cfg.eval.lengths == (64,)
   assert cfg.train.lr == 1.0 and cfg.train.steps == 1000 and cfg.train.tensorboard is False
   assert cfg.model.pos == 'alibi' and cfg.seed == 7
+  words = cli.load('configs/lm.py:smoke', ['eval.protocols=sliding',
+                                          'eval.rope_scalings=linear, yarn'])
+  assert words.eval.protocols == ('sliding',) and words.eval.rope_scalings == ('linear', 'yarn')
+  quoted = cli.load('configs/lm.py:smoke', ["eval.protocols=('nonoverlapping',)"])
+  assert quoted.eval.protocols == ('nonoverlapping',)
 
 
 @pytest.mark.parametrize('override, message', [
