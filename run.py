@@ -11,15 +11,12 @@ checkpoint, unwritable workdir, diverged loss); 75 stopped by SIGTERM after savi
 (run the same command again to resume).
 """
 
+import functools
 import logging as std_logging
-import sys
 
 from absl import app, flags, logging
 
 from lcr import cli
-
-EXIT_USER_ERROR = 1
-EXIT_PREEMPTED = 75   # EX_TEMPFAIL (sysexits.h): try again later, and the run resumes
 
 _CONFIG = flags.DEFINE_string('config', None, 'config file[:preset], e.g. configs/lm.py:cpu; '
                               '--config.a.b=value overrides any field')
@@ -33,22 +30,7 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'number of processe
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'index of this process, 0-based')
 
 _overrides: list[str] = []
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl flags, with --config.a.b=v overrides set aside for the config loader."""
-  try:
-    rest, overrides = cli.split_override_args(argv)
-    _overrides.extend(overrides)
-    return flags.FLAGS(rest)
-  except (flags.Error, cli.ConfigError) as err:
-    _exit(f'{err} (see --helpshort)')
-
-
-def _exit(message: str, status: int = EXIT_USER_ERROR):
-  print(f'run.py: {message}', file=sys.stderr, flush=True)
-  sys.exit(status)
-
+_exit = functools.partial(cli.exit_with, 'run.py')
 
 
 def main(argv: list[str]) -> None:
@@ -74,10 +56,10 @@ def main(argv: list[str]) -> None:
     if _MODE.value in ('eval', 'train_and_eval'):
       eval_workdir.evaluate_workdir(_WORKDIR.value, config.eval)
   except train.Preempted as err:
-    _exit(str(err), EXIT_PREEMPTED)
+    _exit(str(err), cli.EXIT_PREEMPTED)
   except user_errors as err:
     _exit(str(err))
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.flags_parser('run.py', _overrides))

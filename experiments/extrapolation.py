@@ -11,6 +11,7 @@ Exit status: 0 done; 1 a user error (one line on stderr); 75 stopped by SIGTERM 
 checkpoint (run the same command again to resume).
 """
 
+import functools
 import logging as std_logging
 import os
 import sys
@@ -21,8 +22,6 @@ from absl import app, flags, logging  # noqa: E402
 
 from lcr import cli  # noqa: E402
 
-EXIT_USER_ERROR, EXIT_PREEMPTED = 1, 75
-
 _CONFIG = flags.DEFINE_string('config', None, 'configs/extrapolation.py:<preset>; --config.a.b=value '
                               'overrides any field')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'directory of the study (created if missing)')
@@ -30,21 +29,7 @@ _ONLY = flags.DEFINE_string('only', None, 'train and evaluate only this variant 
 _PLOTS_ONLY = flags.DEFINE_bool('plots_only', False, 'only redraw the plots and summary.md')
 
 _overrides: list[str] = []
-
-
-def _exit(message: str, status: int = EXIT_USER_ERROR):
-  print(f'extrapolation.py: {message}', file=sys.stderr, flush=True)
-  sys.exit(status)
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-  try:
-    rest, overrides = cli.split_override_args(argv)
-    _overrides.extend(overrides)
-    return flags.FLAGS(rest)
-  except (flags.Error, cli.ConfigError) as err:
-    _exit(f'{err} (see --helpshort)')
-
+_exit = functools.partial(cli.exit_with, 'extrapolation.py')
 
 
 def main(argv: list[str]) -> None:
@@ -69,7 +54,7 @@ def main(argv: list[str]) -> None:
     written = study.run_study(config, _WORKDIR.value, worker_argv=worker_argv, only=_ONLY.value,
                               plots_only=_PLOTS_ONLY.value)
   except train.Preempted as err:
-    _exit(str(err), EXIT_PREEMPTED)
+    _exit(str(err), cli.EXIT_PREEMPTED)
   except user_errors as err:
     _exit(str(err))
   for name in sorted(written):
@@ -80,4 +65,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.flags_parser('extrapolation.py', _overrides))

@@ -9,17 +9,42 @@ is a ConfigError that names it.
 from __future__ import annotations
 
 import ast
-import logging as std_logging
 import importlib.util
+import logging as std_logging
 import os
-from collections.abc import Sequence
+import sys
+import typing
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import ml_collections
+from absl import flags
 
 from lcr.config import Config, ConfigError, from_config_dict
 
 _TRUE, _FALSE = ('true', '1', 'yes'), ('false', '0', 'no')
+
+EXIT_USER_ERROR = 1
+EXIT_PREEMPTED = 75   # EX_TEMPFAIL (sysexits.h): try again later, and the run resumes
+
+
+def exit_with(program: str, message: str, status: int = EXIT_USER_ERROR) -> typing.NoReturn:
+  """Ends an entry point with one line on stderr (``program: message``) and ``status``."""
+  print(f'{program}: {message}', file=sys.stderr, flush=True)
+  sys.exit(status)
+
+
+def flags_parser(program: str, overrides: list[str]) -> Callable[[list[str]], list[str]]:
+  """An absl ``app.run(flags_parser=...)`` that appends ``--config.a.b=v`` overrides to ``overrides``
+  (for :func:`load`) and parses the other flags; a bad flag ends the program with one line."""
+  def parse(argv: list[str]) -> list[str]:
+    try:
+      rest, found = split_override_args(argv)
+      overrides.extend(found)
+      return flags.FLAGS(rest)
+    except (flags.Error, ConfigError) as err:
+      exit_with(program, f'{err} (see --helpshort)')
+  return parse
 
 
 def split_override_args(argv: Sequence[str], flag: str = 'config') -> tuple[list[str], list[str]]:
