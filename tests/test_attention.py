@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from lcr import attention, config, positional
-from lcr.attention import MaskSpec, kernels
+from lcr.attention import MaskSpec, dense, kernels
 from lcr.config import ConfigError, ModelConfig
 
 B, T, H, KV, D = 2, 37, 6, 2, 8           # GQA, 6 heads (ALiBi's non-power-of-two slopes)
@@ -267,6 +267,34 @@ def test_cross_attention_matches_reference(backend, spec):
   qs = np.stack([np.r_[[1] * 10, [2] * 13], np.ones(t, int)])
   ks = np.stack([np.r_[[1] * 20, [2] * 17], np.ones(s, int)])
   check_against_reference(backend, spec, qp, kp, qs, ks)
+
+
+LONG = 150                                # two query blocks of 75 in the xla backend
+LONG_POSITIONS = np.stack([np.r_[np.arange(70), np.arange(LONG - 70)], np.arange(LONG)])
+LONG_SEGMENTS = np.stack([np.r_[[1] * 70, [2] * (LONG - 70)], np.ones(LONG, int)])
+
+
+def test_query_block_counts():
+  causal = MaskSpec()
+  assert [dense.query_blocks(causal, t, t) for t in (64, 127, 128, 150, 256, 4096)] == [1, 1, 2, 2, 4, 8]
+  assert dense.query_blocks(MaskSpec(causal=False), 256, 256) == 1
+  assert dense.query_blocks(causal, 256, 300) == 1                     # not self-attention
+  assert dense.block_bounds(150, 2) == [(0, 75), (75, 150)]
+
+
+@pytest.mark.parametrize('mask', ['causal', 'sliding', 'longformer'])
+def test_xla_query_blocks_match_reference_on_packed_rows(mask):
+  visible = MASKS[mask].visible(LONG_POSITIONS, LONG_POSITIONS, LONG_SEGMENTS, LONG_SEGMENTS)
+  assert bool(dense.blocks_are_exact(visible, 2))           # the blocked path is the one tested
+  check_against_reference('xla', MASKS[mask], LONG_POSITIONS, LONG_POSITIONS, LONG_SEGMENTS,
+                          LONG_SEGMENTS)
+
+
+def test_xla_falls_back_to_dense_when_a_skipped_key_is_visible():
+  rng = np.random.default_rng(3)
+  qp = np.stack([rng.permutation(LONG), np.arange(LONG)])      # row 0: positions out of order
+  assert not bool(dense.blocks_are_exact(MaskSpec().visible(qp, qp), 2))
+  check_against_reference('xla', MaskSpec(), qp, qp, None, None)
 
 
 def test_xla_query_with_no_visible_key_averages_values_and_passes_no_gradient_to_q():
