@@ -213,20 +213,23 @@ MASKS = {
 }
 
 
-def check_against_reference(backend, spec, qp, kp, qs, ks, *, chunk=CHUNK, base=0, seed=0):
-  """Every positional encoding (one group of batch rows each) against the float64 reference."""
+def check_against_reference(backend, spec, qp, kp, qs, ks, *, chunk=CHUNK, base=0, seed=0,
+                            use_bias=True):
+  """Every positional encoding (one group of batch rows each) against the float64 reference.
+
+  use_bias=False leaves out the ALiBi and T5 logit biases (their rows then have no encoding)."""
   tile = lambda x: None if x is None else np.tile(x, (len(ENCODINGS), 1))
   qp, kp, qs, ks = tile(qp), tile(kp), tile(qs), tile(ks)
   rows, t, s = qp.shape[0], qp.shape[1], kp.shape[1]
   q, k, v, table, ct = inputs(seed, t, s, rows)
   q, k = rotated(q, k, qp, kp)
   out, grads = lcr_forward_and_grads(q, k, v, table, ct, qp, kp, qs, ks, backend=backend,
-                                     spec=spec, chunk=chunk, base=base)
+                                     spec=spec, chunk=chunk, base=base, use_bias=use_bias)
   mask = reference_mask(spec, qp, kp, qs, ks, kv_len=s)
   assert mask.any(-1).all(), 'every query must see a key for the reference softmax'
   factor = np.maximum(1.0, np.log(qp + 1.0) / np.log(base)) if base else None
   f64 = [x.astype(np.float64) for x in (q, k, v)]
-  parts = reference_bias(table, qp, kp, H)
+  parts = reference_bias(table, qp, kp, H) if use_bias else no_bias(mask)
   want = reference_attention(*f64, mask, dense_bias(table.astype(np.float64), *parts),
                              factor=factor)
   want_grads = reference_grads(*f64, table, ct, mask, parts, factor)
@@ -279,6 +282,7 @@ def test_query_block_counts():
   assert [dense.query_blocks(causal, t, t) for t in (64, 127, 128, 150, 256, 4096)] == [1, 1, 2, 2, 4, 8]
   assert dense.query_blocks(MaskSpec(causal=False), 256, 256) == 1
   assert dense.query_blocks(causal, 256, 300) == 1                     # not self-attention
+  assert dense.query_blocks(causal, 256, 256, has_bias=True) == 1      # ALiBi, T5: dense
   assert dense.block_bounds(150, 2) == [(0, 75), (75, 150)]
 
 
@@ -287,14 +291,16 @@ def test_xla_query_blocks_match_reference_on_packed_rows(mask):
   visible = MASKS[mask].visible(LONG_POSITIONS, LONG_POSITIONS, LONG_SEGMENTS, LONG_SEGMENTS)
   assert bool(dense.blocks_are_exact(visible, 2))           # the blocked path is the one tested
   check_against_reference('xla', MASKS[mask], LONG_POSITIONS, LONG_POSITIONS, LONG_SEGMENTS,
-                          LONG_SEGMENTS)
+                          LONG_SEGMENTS, use_bias=False)
+  check_against_reference('xla', MASKS[mask], LONG_POSITIONS, LONG_POSITIONS, LONG_SEGMENTS,
+                          LONG_SEGMENTS)                   # with ALiBi and T5 rows: dense
 
 
 def test_xla_falls_back_to_dense_when_a_skipped_key_is_visible():
   rng = np.random.default_rng(3)
   qp = np.stack([rng.permutation(LONG), np.arange(LONG)])      # row 0: positions out of order
   assert not bool(dense.blocks_are_exact(MaskSpec().visible(qp, qp), 2))
-  check_against_reference('xla', MaskSpec(), qp, qp, None, None)
+  check_against_reference('xla', MaskSpec(), qp, qp, None, None, use_bias=False)
 
 
 def test_xla_query_with_no_visible_key_averages_values_and_passes_no_gradient_to_q():

@@ -8,12 +8,13 @@ computes it (Dao et al. 2022, Alg. 4): with P = softmax(S), O = P·V and dO the 
 
 using rowsum(dO ⊙ O) = rowsum(dP ⊙ P), a [T, D] reduction instead of a [T, S] one.
 
-Causal self-attention of 128 tokens or more is computed in query blocks: block i sees only the keys
-up to its last row, skipping the masked upper triangle (about 3/8 of the work with 4 blocks), and
-P is recomputed in the backward pass instead of stored (FlashAttention's trade: O(T·D) residuals).
-Skipping is exact whenever every skipped key is invisible to the block's queries, which holds when
-positions grow along the row within each document (packed training rows); the inputs are checked
-on device and anything else (permuted positions, a query with no visible key) takes the dense path.
+Causal self-attention of 128 tokens or more without a logit bias is computed in query blocks:
+block i sees only the keys up to its last row, skipping the masked upper triangle (about 3/8 of
+the work with 4 blocks), and P is recomputed in the backward pass instead of stored
+(FlashAttention's trade: O(T·D) residuals). Skipping is exact whenever every skipped key is
+invisible to the block's queries, which holds when positions grow along the row within each
+document (packed training rows); the inputs are checked on device and anything else (permuted
+positions, a query with no visible key) takes the dense path.
 """
 
 from __future__ import annotations
@@ -37,9 +38,13 @@ def grouped(q_BxTxHxD: jax.Array, kv_heads: int) -> jax.Array:
   return q_BxTxHxD.reshape(b, t, kv_heads, h // kv_heads, d)
 
 
-def query_blocks(mask: MaskSpec, q_len: int, kv_len: int) -> int:
-  """How many query blocks causal self-attention of this length is computed in (1 = dense)."""
-  if not mask.causal or q_len != kv_len:
+def query_blocks(mask: MaskSpec, q_len: int, kv_len: int, has_bias: bool = False) -> int:
+  """How many query blocks causal self-attention of this length is computed in (1 = dense).
+
+  Not with a logit bias (ALiBi, T5): the bias would be materialised whole ahead of the on-device
+  choice between the blocked and the dense path, costing more memory than blocking saves.
+  """
+  if not mask.causal or q_len != kv_len or has_bias:
     return 1
   return max(1, min(MAX_BLOCKS, q_len // MIN_BLOCK_ROWS))
 
@@ -50,17 +55,13 @@ def block_bounds(length: int, blocks: int) -> list[tuple[int, int]]:
   return list(zip(edges[:-1], edges[1:]))
 
 
-def _skipped_keys(length: int, blocks: int) -> np.ndarray:
-  """[T, S] bool: the (query, key) pairs the blocked computation never looks at."""
-  skipped = np.zeros((length, length), bool)
-  for start, end in block_bounds(length, blocks):
-    skipped[start:end, end:] = True
-  return skipped
-
-
 def blocks_are_exact(visible_BxTxS: jax.Array, blocks: int) -> jax.Array:
-  """Scalar bool: no skipped pair is visible, and every query sees some key."""
-  skipped_1xTxS = jnp.asarray(_skipped_keys(visible_BxTxS.shape[-1], blocks))[None]
+  """Scalar bool: no key a block skips is visible to its queries, and every query sees some key."""
+  length = visible_BxTxS.shape[-1]
+  row_end = np.zeros(length, np.int32)          # the first key index row i's block skips
+  for start, end in block_bounds(length, blocks):
+    row_end[start:end] = end
+  skipped_1xTxS = (jnp.arange(length)[None, None, :] >= jnp.asarray(row_end)[None, :, None])
   return ~jnp.any(visible_BxTxS & skipped_1xTxS) & jnp.all(jnp.any(visible_BxTxS, axis=-1))
 
 
@@ -186,5 +187,5 @@ def xla_attention(q, k, v, *, q_pos, k_pos, q_segments, k_segments, mask: MaskSp
     bias = bias_BxHxTxS.reshape(-1, kv, h // kv, t, s)
   visible = mask.visible(q_pos, k_pos, q_segments, k_segments, kv_len=s)[:, None, None]
   out = softmax_attention(q_BxKxGxTxD, k_BxKxSxD, v_BxKxSxD, bias, visible, scale,
-                          query_blocks(mask, t, s))
+                          query_blocks(mask, t, s, has_bias=bias is not None))
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
