@@ -11,9 +11,6 @@ checkpoint, unwritable workdir, diverged loss); 75 stopped by SIGTERM after savi
 (run the same command again to resume).
 """
 
-import functools
-import logging as std_logging
-
 from absl import app, flags, logging
 
 from lcr import cli
@@ -30,24 +27,13 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'number of processe
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'index of this process, 0-based')
 
 _overrides: list[str] = []
-_exit = functools.partial(cli.exit_with, 'run.py')
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    _exit(f'unexpected arguments {argv[1:]}')
-  if not _CONFIG.value or not _WORKDIR.value:
-    _exit('--config=FILE[:PRESET] and --workdir=DIR are required')
-  std_logging.getLogger('absl').addFilter(cli.QuietLibraries())
-  logging.set_verbosity(logging.INFO)
-
+  cli.start('run.py', argv, config=_CONFIG.value, workdir=_WORKDIR.value, config_help='FILE[:PRESET]')
   # Imported after flag parsing: everything below may touch JAX, which multi-host start-up precedes.
-  from lcr import checkpoint, eval_workdir, sharding, train
-  from lcr.config import ConfigError
-  from lcr.data import CorpusUnavailableError
-  user_errors = (ConfigError, CorpusUnavailableError, checkpoint.CheckpointError,
-                 train.WorkdirError, train.TrainingError)
-  try:
+  from lcr import eval_workdir, sharding, train
+  with cli.one_line_errors('run.py'):
     config = cli.load(_CONFIG.value, _overrides)
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if _MODE.value in ('train', 'train_and_eval'):
@@ -55,10 +41,6 @@ def main(argv: list[str]) -> None:
       logging.info('final: %s', final)
     if _MODE.value in ('eval', 'train_and_eval'):
       eval_workdir.evaluate_workdir(_WORKDIR.value, config.eval)
-  except train.Preempted as err:
-    _exit(str(err), cli.EXIT_PREEMPTED)
-  except user_errors as err:
-    _exit(str(err))
 
 
 if __name__ == '__main__':

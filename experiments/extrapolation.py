@@ -11,8 +11,6 @@ Exit status: 0 done; 1 a user error (one line on stderr); 75 stopped by SIGTERM 
 checkpoint (run the same command again to resume).
 """
 
-import functools
-import logging as std_logging
 import os
 import sys
 
@@ -29,34 +27,21 @@ _ONLY = flags.DEFINE_string('only', None, 'train and evaluate only this variant 
 _PLOTS_ONLY = flags.DEFINE_bool('plots_only', False, 'only redraw the plots and summary.md')
 
 _overrides: list[str] = []
-_exit = functools.partial(cli.exit_with, 'extrapolation.py')
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    _exit(f'unexpected arguments {argv[1:]}')
-  if not _CONFIG.value or not _WORKDIR.value:
-    _exit('--config=configs/extrapolation.py:PRESET and --workdir=DIR are required')
-  std_logging.getLogger('absl').addFilter(cli.QuietLibraries())
-  logging.set_verbosity(logging.INFO)
-
-  from lcr import checkpoint, sharding, study, train
-  from lcr.data import CorpusUnavailableError
-  user_errors = (cli.ConfigError, CorpusUnavailableError, checkpoint.CheckpointError,
-                 train.WorkdirError, train.TrainingError, study.StudyError)
+  cli.start('extrapolation.py', argv, config=_CONFIG.value, workdir=_WORKDIR.value,
+            config_help='configs/extrapolation.py:PRESET')
+  from lcr import sharding, study
   worker_argv = [sys.executable, os.path.abspath(__file__)] + [
       a for a in sys.argv[1:] if not a.startswith(('--only', '--plots_only', '--noplots_only'))]
-  try:
+  with cli.one_line_errors('extrapolation.py', study.StudyError):
     config = cli.load_config_dict(_CONFIG.value)
     for override in _overrides:
       cli.apply_override(config, override)
     sharding.initialize_distributed()   # several TPU VM workers: one JAX process each
     written = study.run_study(config, _WORKDIR.value, worker_argv=worker_argv, only=_ONLY.value,
                               plots_only=_PLOTS_ONLY.value)
-  except train.Preempted as err:
-    _exit(str(err), cli.EXIT_PREEMPTED)
-  except user_errors as err:
-    _exit(str(err))
   for name in sorted(written):
     logging.info('wrote %s', written[name])
   if 'summary.md' in written:

@@ -9,6 +9,7 @@ is a ConfigError that names it.
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib.util
 import logging as std_logging
 import os
@@ -18,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import ml_collections
-from absl import flags
+from absl import flags, logging
 
 from lcr.config import Config, ConfigError, from_config_dict
 
@@ -45,6 +46,34 @@ def flags_parser(program: str, overrides: list[str]) -> Callable[[list[str]], li
     except (flags.Error, ConfigError) as err:
       exit_with(program, f'{err} (see --helpshort)')
   return parse
+
+
+def start(program: str, argv: Sequence[str], *, config: str | None, workdir: str | None,
+          config_help: str) -> None:
+  """Checks an entry point's arguments (``--config`` and ``--workdir`` are required; nothing else
+  positional) and sets up the progress log."""
+  if len(argv) > 1:
+    exit_with(program, f'unexpected arguments {list(argv[1:])}')
+  if not config or not workdir:
+    exit_with(program, f'--config={config_help} and --workdir=DIR are required')
+  std_logging.getLogger('absl').addFilter(QuietLibraries())
+  logging.set_verbosity(logging.INFO)
+
+
+@contextlib.contextmanager
+def one_line_errors(program: str, *more: type[Exception]):
+  """A user error inside (bad config, missing data, corrupt checkpoint, unwritable workdir,
+  diverged loss, and ``more``) ends the program with one line and status 1; SIGTERM, after its
+  checkpoint is saved, with status 75. Imports the trainer: enter it after flag parsing."""
+  from lcr import checkpoint, train   # pylint: disable=import-outside-toplevel
+  from lcr.data import CorpusUnavailableError   # pylint: disable=import-outside-toplevel
+  try:
+    yield
+  except train.Preempted as err:
+    exit_with(program, str(err), EXIT_PREEMPTED)
+  except (ConfigError, CorpusUnavailableError, checkpoint.CheckpointError, train.WorkdirError,
+          train.TrainingError, *more) as err:
+    exit_with(program, str(err))
 
 
 def split_override_args(argv: Sequence[str], flag: str = 'config') -> tuple[list[str], list[str]]:

@@ -15,23 +15,14 @@ from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
-import jax
 
 from lcr import layers
 
 
-def _trailing(axes: Any, ndim: int) -> int | None:
-  """How many trailing dims ``axes`` (DenseGeneral.axis) names, or None if not exactly the last ones."""
-  axes = tuple(a % ndim for a in (axes if isinstance(axes, (tuple, list)) else (axes,)))
-  return len(axes) if axes == tuple(range(ndim - len(axes), ndim)) else None
-
-
-def _contracted(module: nn.Module, method: str, x: jax.Array) -> int | None:
-  """How many trailing dims of ``x`` the call contracts, if it is one we flatten; else None."""
+def _contracted(module: nn.Module, method: str) -> int | None:
+  """How many trailing dims of its input the call contracts, if it is one we flatten; else None."""
   if isinstance(module, nn.Dense) and method == '__call__':
     return 1
-  if isinstance(module, nn.DenseGeneral) and method == '__call__' and not module.batch_dims:
-    return _trailing(module.axis, x.ndim)
   if isinstance(module, layers.Projection) and method == '__call__':
     return module.contract
   if isinstance(module, nn.Embed) and method == 'attend':
@@ -41,11 +32,11 @@ def _contracted(module: nn.Module, method: str, x: jax.Array) -> int | None:
 
 def flatten_leading_dims(next_fun: Callable, args: tuple, kwargs: dict,
                          context: nn.module.InterceptorContext) -> Any:
-  """Interceptor: Dense, DenseGeneral and Embed.attend see their input as [rows, contracted...]."""
+  """Interceptor: Dense, layers.Projection and Embed.attend see their input as [rows, contracted...]."""
   if len(args) != 1 or kwargs or not hasattr(args[0], 'ndim'):
     return next_fun(*args, **kwargs)
   x = args[0]
-  n = _contracted(context.module, context.method_name, x)
+  n = _contracted(context.module, context.method_name)
   if n is None or x.ndim - n < 2:
     return next_fun(*args, **kwargs)
   lead = x.shape[:x.ndim - n]
