@@ -4,6 +4,7 @@
     python benchmarks/train_throughput.py --configs=a --steps=50
     python benchmarks/train_throughput.py --compare_layouts   # also without lcr.matmul_layout
     python benchmarks/train_throughput.py --skip_attention    # also with attention replaced by q+k+v
+    python benchmarks/train_throughput.py --attention_backends=cpu_flash,xla   # one run per backend
 
 Prints a table and one JSON object per run: tokens/s, FLOP/s counted as 6·N + 6·L·T·D per token
 (N parameters, L layers, T sequence length, D width), and that as a fraction of this machine's
@@ -29,6 +30,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from lcr import attention  # noqa: E402
 from lcr import config as C  # noqa: E402
 from lcr import metrics, sharding, step  # noqa: E402
 from lcr.data.config import DataConfig  # noqa: E402
@@ -41,6 +43,8 @@ _STEPS = flags.DEFINE_integer('steps', 10, 'timed steps per config (after warmup
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'timed runs per config; the best is reported')
 _COMPARE = flags.DEFINE_bool('compare_layouts', False, 'also time the step with the dense layers '
                              'as the model writes them ([B, T, D] matmuls), without lcr.matmul_layout')
+_BACKENDS = flags.DEFINE_list('attention_backends', ['auto'], 'model.attention_backend of each '
+                              'timed run (auto: cpu_flash on a CPU with a C++ compiler)')
 _SKIP = flags.DEFINE_bool('skip_attention', False, 'also time the step with softmax attention '
                           'replaced by q + k + v (all projections kept): what the rest of the step costs')
 
@@ -65,13 +69,23 @@ def matmul_peak(sizes=(1024, 2048), repeats: int = 3) -> float:
   return best
 
 
-def model_config(name: str) -> C.Config:
+def model_config(name: str, attention_backend: str = 'auto') -> C.Config:
   layers, d, heads, t, b = MODELS[name]
   return C.Config(
       model=C.ModelConfig(vocab_size=128, num_layers=layers, d_model=d, num_heads=heads,
-                          pos='learned', max_len=t, ffn='mlp', tie_embeddings=True),
+                          pos='learned', max_len=t, ffn='mlp', tie_embeddings=True,
+                          attention_backend=attention_backend),
       data=DataConfig(), train=C.TrainConfig(steps=10_000, batch_size=b, seq_len=t, warmup_steps=10),
       mesh=C.MeshConfig(shape=(1, 1, 1)))
+
+
+def resolved_backend(cfg: C.Config) -> str:
+  """The attention backend the model's causal self-attention runs with (``auto`` resolved)."""
+  m = cfg.model
+  call = attention.Call(platform=jax.default_backend(), dtype=m.dtype, batch=cfg.train.batch_size,
+                        heads=m.num_heads, head_dim=m.head_dim, q_len=cfg.train.seq_len,
+                        kv_len=cfg.train.seq_len, has_bias=False, mask=attention.MaskSpec())
+  return attention.resolve(m.attention_backend, call)
 
 
 def _model_layout(next_fun, args, kwargs, context):
@@ -89,14 +103,15 @@ def _sum_of_inputs(q, k, v, **unused):
 
 @contextlib.contextmanager
 def attention_skipped():
-  """The ``xla`` attention backend replaced by :func:`_sum_of_inputs` while tracing."""
+  """Every attention backend replaced by :func:`_sum_of_inputs` while tracing."""
   from lcr.attention import select  # pylint: disable=import-outside-toplevel
-  xla = select.BACKENDS['xla']
-  select.BACKENDS['xla'] = dataclasses.replace(xla, fn=_sum_of_inputs)
+  saved = dict(select.BACKENDS)
+  for name, backend in saved.items():
+    select.BACKENDS[name] = dataclasses.replace(backend, fn=_sum_of_inputs)
   try:
     yield
   finally:
-    select.BACKENDS['xla'] = xla
+    select.BACKENDS.update(saved)
 
 
 def throughput(cfg: C.Config, steps: int, repeats: int, model_layout: bool = False,
@@ -136,24 +151,25 @@ def main(argv):
   vendor = metrics.peak_flops(device.device_kind, 'float32')
   print(f'device: {device.device_kind} ({jax.device_count()} device(s))'
         + (f'; vendor float32 peak {vendor / 1e12:.0f} TFLOP/s' if vendor else ''))
-  print(f'{"cfg":<4}{"layout":>7}{"attn":>8}{"layers":>7}{"d":>5}{"heads":>6}{"T":>5}{"B":>4}{"params":>11}'
+  print(f'{"cfg":<4}{"layout":>7}{"attn":>10}{"layers":>7}{"d":>5}{"heads":>6}{"T":>5}{"B":>4}{"params":>11}'
         f'{"tokens/s":>10}{"GFLOP/s":>9}{"peak":>7}{"of peak":>9}' + ('    MFU' if vendor else ''))
   rows = []
-  variants = [(False, False)] + [(True, False)] * _COMPARE.value + [(False, True)] * _SKIP.value
+  variants = ([(False, False, b) for b in _BACKENDS.value] + [(True, False, 'auto')] * _COMPARE.value
+              + [(False, True, 'auto')] * _SKIP.value)
   for name in _CONFIGS.value:
-    for model_layout, skip_attention in variants:
-      cfg = model_config(name)
+    for model_layout, skip_attention, backend in variants:
+      cfg = model_config(name, backend)
       peak = matmul_peak()   # measured next to each run: a busy machine lowers both alike
       tps, n = throughput(cfg, _STEPS.value, _REPEATS.value, model_layout, skip_attention)
       flops = metrics.flops_per_token(cfg.model, n, cfg.train.seq_len) * tps
       row = dict(config=name, layout='model' if model_layout else '2d',
-                 attention='skipped' if skip_attention else 'xla', layers=cfg.model.num_layers,
+                 attention='skipped' if skip_attention else resolved_backend(cfg), layers=cfg.model.num_layers,
                  d_model=cfg.model.d_model, heads=cfg.model.num_heads, seq_len=cfg.train.seq_len,
                  batch=cfg.train.batch_size, params=n, tokens_per_s=tps, flops_per_s=flops,
                  matmul_peak_flops_per_s=peak, fraction_of_matmul_peak=flops / peak,
                  device=device.device_kind, mfu=flops / vendor if vendor else None)
       rows.append(row)
-      print(f'{name:<4}{row["layout"]:>7}{row["attention"]:>8}{row["layers"]:>7}{row["d_model"]:>5}'
+      print(f'{name:<4}{row["layout"]:>7}{row["attention"]:>10}{row["layers"]:>7}{row["d_model"]:>5}'
             f'{row["heads"]:>6}{row["seq_len"]:>5}{row["batch"]:>4}{n:>11,}{tps:>10,.0f}'
             f'{flops / 1e9:>9.1f}{peak / 1e9:>7.0f}{flops / peak:>9.1%}'
             + (f'{flops / vendor:>7.1%}' if vendor else ''), flush=True)

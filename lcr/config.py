@@ -86,7 +86,7 @@ NORMS = ('layernorm', 'rmsnorm')
 NORM_PLACEMENTS = ('pre', 'post')
 FFNS = ('mlp', 'swiglu', 'geglu')
 DTYPES = ('float32', 'bfloat16', 'float16')
-ATTENTION_BACKENDS = ('auto', 'xla', 'chunked', 'cudnn', 'splash')
+ATTENTION_BACKENDS = ('auto', 'xla', 'chunked', 'cpu_flash', 'cudnn', 'splash')
 ATTENTION_VARIANTS = ('causal', 'sliding', 'longformer', 'bigbird', 'sinks', 'blockwise')
 
 
@@ -204,6 +204,16 @@ class ModelConfig:
     if self.attention_backend == 'cudnn' and self.dtype not in ('bfloat16', 'float16'):
       fail('model.attention_backend', self.attention_backend,
            f'cuDNN flash attention needs model.dtype bfloat16 or float16, not {self.dtype}')
+    if self.attention_backend == 'cpu_flash':
+      if self.dtype != 'float32':
+        fail('model.attention_backend', self.attention_backend,
+             f'the cpu_flash kernel computes in float32, not model.dtype={self.dtype!r}')
+      if self.pos in ('alibi', 't5'):
+        fail('model.attention_backend', self.attention_backend,
+             f'the cpu_flash kernel takes no logit bias, so not model.pos={self.pos!r}')
+      if self.head_dim % 16:
+        fail('model.attention_backend', self.attention_backend,
+             f'the cpu_flash kernel needs d_model/num_heads a multiple of 16, not {self.head_dim}')
     if self.attention_backend == 'splash':
       if self.pos in ('alibi', 't5'):
         fail('model.attention_backend', self.attention_backend,

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from lcr import attention, config, positional
-from lcr.attention import MaskSpec, dense, kernels
+from lcr.attention import MaskSpec, cpu_flash, dense, kernels
 from lcr.config import ConfigError, ModelConfig
 
 B, T, H, KV, D = 2, 37, 6, 2, 8           # GQA, 6 heads (ALiBi's non-power-of-two slopes)
@@ -508,15 +508,22 @@ def test_cudnn_wrapper_pads_and_folds_the_mask_into_the_bias(monkeypatch):
 
 
 def call(platform='cpu', dtype='float32', t=1024, s=None, has_bias=False, mask=MaskSpec(),
-         head_dim=64, batch=1, heads=8):
+         head_dim=64, batch=1, heads=8, devices=1):
   return attention.Call(platform=platform, dtype=dtype, batch=batch, heads=heads,
-                        head_dim=head_dim, q_len=t, kv_len=s or t, has_bias=has_bias, mask=mask)
+                        head_dim=head_dim, q_len=t, kv_len=s or t, has_bias=has_bias, mask=mask,
+                        devices=devices)
 
 
 @pytest.mark.parametrize('c,expected', [
-    (call(t=512), 'xla'),
-    (call(t=513), 'chunked'),
-    (call(t=512, s=1024), 'chunked'),
+    (call(t=512), 'cpu_flash'),
+    (call(t=16384), 'cpu_flash'),                                      # 256 MiB mask: fits
+    (call(t=16384, batch=2), 'chunked'),                              # 512 MiB: does not
+    (call(t=512, devices=8), 'xla'),                                  # the kernel is not partitioned
+    (call(t=512, dtype='bfloat16'), 'xla'),
+    (call(t=512, head_dim=8), 'xla'),
+    (call(t=512, has_bias=True), 'xla'),
+    (call(t=513, has_bias=True), 'chunked'),
+    (call(t=512, s=1024, has_bias=True), 'chunked'),
     (call(t=32768, has_bias=True), 'chunked'),
     (call('gpu', 'bfloat16', t=8192, has_bias=True), 'cudnn'),
     (call('gpu', 'float16', t=32768), 'cudnn'),                       # 2 GiB mask: fits
@@ -532,6 +539,8 @@ def call(platform='cpu', dtype='float32', t=1024, s=None, has_bias=False, mask=M
     (call('tpu', 'bfloat16', t=512, s=1024), 'xla'),                  # cross-attention
 ])
 def test_auto_choice(c, expected):
+  if cpu_flash.unavailable() and c.platform == 'cpu':
+    pytest.skip(cpu_flash.unavailable())
   assert attention.choose(c)[0] == expected
 
 
@@ -542,7 +551,7 @@ def test_explicit_backends_refuse_what_they_cannot_run():
     attention.resolve('splash', call('tpu', has_bias=True))
   with pytest.raises(ValueError, match='unknown attention backend'):
     attention.resolve('flash2', call())
-  assert attention.resolve('auto', call(t=1024)) == 'chunked'
+  assert attention.resolve('auto', call(t=1024, has_bias=True)) == 'chunked'
 
 
 def test_attend_rejects_contradictory_arguments():
@@ -574,6 +583,9 @@ def test_length_scale_is_log_base_training_length():
     ('model.attention_backend', dict(attention_backend='splash', pos='alibi')),
     ('model.attention_backend', dict(attention_backend='splash', attention='sinks', window=4)),
     ('model.attention_backend', dict(attention_backend='flash')),
+    ('model.attention_backend', dict(attention_backend='cpu_flash', pos='t5')),
+    ('model.attention_backend', dict(attention_backend='cpu_flash', dtype='bfloat16')),
+    ('model.attention_backend', dict(attention_backend='cpu_flash', d_model=96, num_heads=4)),
 ])
 def test_config_errors_name_the_field(field, overrides):
   with pytest.raises(ConfigError, match=field):

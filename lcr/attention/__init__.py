@@ -10,6 +10,7 @@ backend builds only the part it needs:
                 tiles outside the mask skipped, differentiable with rematerialisation.
   * ``cudnn``   cuDNN flash attention on NVIDIA GPUs (bf16/fp16).
   * ``splash``  Pallas splash attention on TPU (no bias; causal dense/sliding).
+  * ``cpu_flash`` FlashAttention-2 tiling in a C++ kernel for CPUs (float32, no bias), via jax.ffi.
   * ``auto``    the fastest of these that supports the call on this platform (see ``select``).
 """
 
@@ -79,8 +80,10 @@ def attend(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, *,
     raise ValueError(f'positions {q_pos.shape}/{k_pos.shape} do not match q {q_BxTxHxD.shape} '
                      f'and k {k_BxSxKxD.shape}')
   spec = _mask_spec(mask, causal, window)
+  mesh = jax.sharding.get_abstract_mesh()
   call = Call(platform=jax.default_backend(), dtype=dtype_name(q_BxTxHxD.dtype), batch=b,
-              heads=h, head_dim=d, q_len=t, kv_len=s, has_bias=bias_fn is not None, mask=spec)
+              heads=h, head_dim=d, q_len=t, kv_len=s, has_bias=bias_fn is not None, mask=spec,
+              devices=1 if mesh.empty else mesh.size)
   name = resolve(backend, call)
   scale = d ** -0.5 if scale is None else scale
   q_pos, k_pos = jnp.asarray(q_pos), jnp.asarray(k_pos)

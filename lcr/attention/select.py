@@ -8,6 +8,7 @@ from collections.abc import Callable
 import jax.numpy as jnp
 from absl import logging
 
+from lcr.attention import cpu_flash
 from lcr.attention.chunked import chunked_attention
 from lcr.attention.dense import xla_attention
 from lcr.attention.kernels import cudnn_attention, cudnn_bytes, splash_attention, splash_supports
@@ -21,6 +22,8 @@ DENSE_MAX_LOGITS = {'cpu': 512 * 512, 'gpu': 4096 * 4096, 'tpu': 4096 * 4096}
 CUDNN_MAX_BYTES = 2 << 30
 CUDNN_DTYPES = ('bfloat16', 'float16')
 CUDNN_MAX_HEAD_DIM = 128
+# Largest [B, T, S] bool mask `auto` lets the cpu_flash backend materialise (T = S = 16k at B = 1).
+CPU_FLASH_MAX_MASK_BYTES = 1 << 28
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +38,7 @@ class Call:
   kv_len: int
   has_bias: bool
   mask: MaskSpec
+  devices: int = 1             # devices of the mesh the call is traced under (1: none)
 
 
 def _cudnn_supports(call: Call) -> str | None:
@@ -49,6 +53,19 @@ def _cudnn_fits(call: Call) -> str | None:
   size = cudnn_bytes(call.batch, call.heads, call.q_len, call.kv_len, call.has_bias)
   if size > CUDNN_MAX_BYTES:
     return f'the cudnn mask/bias array would take {size / 2**30:.1f} GiB'
+  return None
+
+
+def _cpu_flash_supports(call: Call) -> str | None:
+  return cpu_flash.supports(call.dtype, call.head_dim, call.has_bias)
+
+
+def _cpu_flash_fits(call: Call) -> str | None:
+  if call.devices > 1:   # XLA does not partition the kernel: it would gather q, k, v on each device
+    return f'the kernel runs unpartitioned, not over {call.devices} devices'
+  size = call.batch * call.q_len * call.kv_len
+  if size > CPU_FLASH_MAX_MASK_BYTES:
+    return f'the cpu_flash mask would take {size / 2**30:.1f} GiB'
   return None
 
 
@@ -72,10 +89,12 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend('splash', splash_attention, ('tpu',),
             lambda c: splash_supports(c.mask, c.has_bias, c.q_len, c.kv_len)),
     Backend('cudnn', cudnn_attention, ('gpu',), _cudnn_supports, _cudnn_fits),
+    Backend('cpu_flash', cpu_flash.cpu_flash_attention, ('cpu',), _cpu_flash_supports,
+            _cpu_flash_fits),
     Backend('xla', xla_attention, ('cpu', 'gpu', 'tpu'), lambda c: None, _dense_fits),
     Backend('chunked', chunked_attention, ('cpu', 'gpu', 'tpu'), lambda c: None),
 )}
-AUTO_ORDER = ('splash', 'cudnn', 'xla', 'chunked')     # fastest first; chunked always applies
+AUTO_ORDER = ('splash', 'cudnn', 'cpu_flash', 'xla', 'chunked')     # fastest first; chunked always applies
 
 
 def choose(call: Call) -> tuple[str, str]:

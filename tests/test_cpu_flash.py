@@ -1,0 +1,118 @@
+"""The ``cpu_flash`` backend (a C++ kernel reached through jax.ffi) against the float64 reference.
+
+The reference and the inputs are test_attention's (masks from the papers' definitions, NumPy
+float64 forward pass, gradients of a dense float64 implementation), with head_dim 16 — the kernel
+needs a multiple of 16 — and without the ALiBi/T5 logit biases, which the kernel does not take.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import test_attention as ref
+from lcr import attention
+from lcr.attention import MaskSpec, cpu_flash
+from lcr.config import ModelConfig
+
+needs_kernel = pytest.mark.skipif(cpu_flash.unavailable() is not None,
+                                  reason=str(cpu_flash.unavailable()))
+
+
+@pytest.fixture(autouse=True)
+def head_dim_16(monkeypatch):
+  monkeypatch.setattr(ref, 'D', 16)
+
+
+@needs_kernel
+@pytest.mark.parametrize('mask', list(ref.MASKS))
+def test_matches_float64_reference_for_every_mask(mask):
+  base = 16 if mask == 'length_scaled' else 0
+  ref.check_against_reference('cpu_flash', ref.MASKS[mask], ref.POSITIONS, ref.POSITIONS,
+                              ref.SEGMENTS, ref.SEGMENTS, base=base, use_bias=False)
+
+
+@needs_kernel
+@pytest.mark.parametrize('mask', ['causal', 'sliding', 'longformer'])
+def test_several_tiles_with_a_partial_last_one(mask):
+  """150 tokens: tiles of 64, 64 and 22 queries and keys; two documents in row 0."""
+  ref.check_against_reference('cpu_flash', ref.MASKS[mask], ref.LONG_POSITIONS,
+                              ref.LONG_POSITIONS, ref.LONG_SEGMENTS, ref.LONG_SEGMENTS,
+                              use_bias=False)
+
+
+@needs_kernel
+def test_exact_when_positions_do_not_follow_the_index():
+  """Tiles are skipped by the mask itself, so any order of positions stays exact."""
+  rng = np.random.default_rng(7)
+  qp = np.stack([rng.permutation(ref.LONG), rng.permutation(ref.LONG) + 5])
+  ref.check_against_reference('cpu_flash', MaskSpec(), qp, qp, None, None, use_bias=False)
+
+
+@needs_kernel
+@pytest.mark.parametrize('t,s', [(23, 37), (70, 130)])
+def test_cross_attention(t, s):
+  qp, kp = np.broadcast_to(np.arange(t), (ref.B, t)), np.broadcast_to(np.arange(s), (ref.B, s))
+  qs = np.stack([np.r_[[1] * 10, [2] * (t - 10)], np.ones(t, int)])
+  ks = np.stack([np.r_[[1] * 20, [2] * (s - 20)], np.ones(s, int)])
+  ref.check_against_reference('cpu_flash', MaskSpec(causal=False), qp, kp, qs, ks,
+                              use_bias=False)
+
+
+@needs_kernel
+def test_query_with_no_visible_key_matches_the_xla_backend():
+  """Queries 2-3 see no key: uniform weights over all keys, as the xla backend gives them,
+  and the same gradients (none to q and k through those rows)."""
+  t, s = 5, 7
+  q, k, v, _, _ = ref.inputs(4, t, s, rows=1)
+  ct = np.random.default_rng(5).normal(size=q.shape).astype(np.float32)
+  qp, kp = np.arange(t)[None], np.arange(s)[None]
+  qs, ks = np.asarray([[1, 1, 3, 3, 1]]), np.ones((1, s), int)
+
+  def run(backend):
+    def loss(q, k, v):
+      out = attention.attend(q, k, v, q_pos=qp, k_pos=kp, q_segments=qs, k_segments=ks,
+                             causal=False, backend=backend)
+      return jnp.sum(out * ct), out
+    return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+
+  (_, out), grads = run('cpu_flash')
+  (_, want), want_grads = run('xla')
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out[0, 2], np.asarray(v[0]).mean(0).repeat(ref.H // ref.KV, 0),
+                             rtol=1e-5, atol=1e-6)
+  for got, wanted in zip(grads, want_grads):
+    np.testing.assert_allclose(got, wanted, rtol=1e-5, atol=1e-5)
+  assert not np.asarray(grads[0])[0, 2:4].any()
+
+
+@needs_kernel
+def test_language_model_loss_and_gradients_match_the_xla_backend():
+  from lcr.model import TransformerLM
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 29, size=(2, 70)))
+  results = []
+  for backend in ('cpu_flash', 'xla'):
+    model = TransformerLM(ModelConfig(vocab_size=29, num_layers=2, d_model=64, num_heads=4,
+                                      num_kv_heads=2, attention_backend=backend))
+    params = model.init(jax.random.PRNGKey(0), tokens[:, :8])['params']
+
+    def loss(params, model=model):   # next-token cross-entropy
+      logp = jax.nn.log_softmax(model.apply({'params': params}, tokens)[:, :-1])
+      return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+
+    results.append(jax.jit(jax.value_and_grad(loss))(params))
+  (l1, g1), (l2, g2) = results
+  np.testing.assert_allclose(l1, l2, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_without_a_compiler_the_backend_says_so_and_auto_uses_xla(monkeypatch):
+  monkeypatch.setattr(cpu_flash, 'compiler', lambda: None)
+  with pytest.raises(cpu_flash.CompileError, match='no C.. compiler'):
+    cpu_flash.library_path.__wrapped__()
+  monkeypatch.setattr(cpu_flash, 'unavailable', lambda: 'the C++ kernel is unavailable: no C++')
+  call = ref.call(t=256)
+  assert attention.choose(call)[0] == 'xla'
+  with pytest.raises(ValueError, match='unavailable'):
+    attention.resolve('cpu_flash', call)
