@@ -101,7 +101,7 @@ def make_examples(tokenizer: Tokenizer, length: int, depths: Iterable[float], tr
 
 def answer_mask(examples: Sequence[PasskeyExample]) -> np.ndarray:
   """[n, length − 1] bool over targets (target j is token j + 1): the answer tokens."""
-  n, length = len(examples), len(examples[0].tokens)
+  length = len(examples[0].tokens)
   j = np.arange(length - 1)
   starts = np.asarray([e.answer_start for e in examples])
   return j[None, :] + 1 >= starts[:, None]
