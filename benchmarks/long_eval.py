@@ -48,8 +48,11 @@ def model_config(backend: str, variant: str):
 
 def estimate_mb(backend: str, length: int) -> float:
   """Peak RSS guess: xla peaks at ~3.5× its [B, H, T, T] float32 logits (measured with ALiBi:
-  3.2× at 8k, 3.4× at 16k — logits, bias and probabilities live at once); chunked is linear."""
+  3.2× at 8k, 3.4× at 16k — logits, bias and probabilities live at once); cpu_flash holds the
+  [B, T, T] mask as bytes; chunked is linear."""
   act = length * (MODEL['d_model'] * 12 + MODEL['vocab_size'] * 2) * 4 / 2**20
+  if backend == 'cpu_flash':
+    return BASE_MB + act + 2 * length * length / 2**20
   if backend == 'xla':
     return BASE_MB + act + 3.5 * MODEL['num_heads'] * length * length * 4 / 2**20
   return BASE_MB + act + 4 * MODEL['num_heads'] * length * _CHUNK.value * 4 / 2**20

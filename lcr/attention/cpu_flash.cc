@@ -176,7 +176,10 @@ void pack_transposed(const float* x, int64_t ld, int64_t first, int64_t count, i
   if (rows < kTile) std::memset(out, 0, d * kTile * sizeof(float));
   for (int64_t c = 0; c < rows; ++c) {
     const float* src = x + (first + c) * ld;
-    for (int64_t e = 0; e < d; ++e) out[e * kTile + c] = src[e];
+    for (int64_t e = 0; e < d; e += 16) {
+      const v16 row = load(src + e);
+      for (int i = 0; i < 16; ++i) out[(e + i) * kTile + c] = row[i];
+    }
   }
 }
 
@@ -298,9 +301,9 @@ void backward_head(const Shape& sh, const float* q, const float* k, const float*
     const int64_t h = g * groups + j;
     for (int64_t t = 0; t < sh.q_len; ++t) {
       const float *x = o + sh.q_at(b, t, h), *y = d_o + sh.q_at(b, t, h);
-      float sum = 0.f;
-      for (int64_t e = 0; e < d; ++e) sum += x[e] * y[e];
-      delta[j * padded + t] = sum;
+      v16 sum{};
+      for (int64_t e = 0; e < d; e += 16) sum += load(x + e) * load(y + e);
+      delta[j * padded + t] = sum16(sum);
     }
   }
   for (int64_t s0 = 0; s0 < sh.kv_len; s0 += kTile) {
