@@ -87,13 +87,16 @@ def test_query_with_no_visible_key_matches_the_xla_backend():
 
 
 @needs_kernel
-def test_language_model_loss_and_gradients_match_the_xla_backend():
+@pytest.mark.parametrize('layers', ['unrolled', 'scanned_and_rematerialised'])
+def test_language_model_loss_and_gradients_match_the_xla_backend(layers):
   from lcr.model import TransformerLM
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 29, size=(2, 70)))
+  scanned = layers != 'unrolled'
   results = []
   for backend in ('cpu_flash', 'xla'):
     model = TransformerLM(ModelConfig(vocab_size=29, num_layers=2, d_model=64, num_heads=4,
-                                      num_kv_heads=2, attention_backend=backend))
+                                      num_kv_heads=2, attention_backend=backend,
+                                      scan_layers=scanned, remat=scanned))
     params = model.init(jax.random.PRNGKey(0), tokens[:, :8])['params']
 
     def loss(params, model=model):   # next-token cross-entropy

@@ -21,6 +21,10 @@
 #include <thread>
 #include <vector>
 
+#ifdef __linux__
+#include <sched.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -126,10 +130,19 @@ void gemm(int m, int n, int depth, const float* a, int lda, bool transposed, con
   }
 }
 
-// Runs body(item) for item in [0, count) on all hardware threads.
+// The cores the calling thread may run on (a worker pinned to one core gets one).
+int64_t usable_cores() {
+#ifdef __linux__
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+#endif
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+// Runs body(item) for item in [0, count) on the usable cores.
 template <typename Body>
 void parallel_for(int64_t count, const Body& body) {
-  const int64_t threads = std::min<int64_t>(count, std::max(1u, std::thread::hardware_concurrency()));
+  const int64_t threads = std::min<int64_t>(count, usable_cores());
   std::atomic<int64_t> next{0};
   auto run = [&] {
     for (int64_t item; (item = next.fetch_add(1)) < count;) body(item);
