@@ -4,10 +4,11 @@
     python benchmarks/attention_backends.py --shape=12,64,4,32     # model a
     python benchmarks/attention_backends.py --backends=cpu_flash,xla,chunked --causal=false
 
-Causal self-attention of q, k, v [B, T, H, D] float32 (no logit bias) through ``lcr.attention.attend``
-with each backend, jitted, best of several runs; PyTorch's ``scaled_dot_product_attention`` on the
-same inputs for comparison. Prints milliseconds and the GFLOP/s of the visible work (the causal
-half of 4·B·H·T²·D for the forward pass, 2.5× that for forward + backward).
+Causal self-attention of q, k, v [B, T, H, D] float32 (no logit bias) through
+``lcr.attention.attend`` with each backend, jitted, best of several runs; PyTorch's
+``scaled_dot_product_attention`` on the same inputs for comparison. Prints milliseconds and the
+GFLOP/s of the visible work (the causal half of 4·B·H·T²·D for the forward pass, 2.5× that for
+forward + backward).
 """
 
 from __future__ import annotations

@@ -159,7 +159,9 @@ struct Shape {
   int64_t q_tiles() const { return (q_len + kTile - 1) / kTile; }
   int64_t kv_tiles() const { return (kv_len + kTile - 1) / kTile; }
   // offsets of row t / key s of head h / kv head g
-  int64_t q_at(int64_t b, int64_t t, int64_t h) const { return ((b * q_len + t) * heads + h) * dim; }
+  int64_t q_at(int64_t b, int64_t t, int64_t h) const {
+    return ((b * q_len + t) * heads + h) * dim;
+  }
   int64_t kv_at(int64_t b, int64_t s, int64_t g) const {
     return ((b * kv_len + s) * kv_heads + g) * dim;
   }
@@ -240,7 +242,8 @@ void forward_head(const Shape& sh, const float* q, const float* k, const float* 
       acc(kTile * d), m(kTile), l(kTile);
   std::vector<uint8_t> mask_pad(kTile * kTile);
   for (int64_t j = 0; j < nk; ++j)
-    pack_transposed(k + sh.kv_at(b, 0, g), kv_ld, j * kTile, sh.kv_len, d, kt.data() + j * d * kTile);
+    pack_transposed(k + sh.kv_at(b, 0, g), kv_ld, j * kTile, sh.kv_len, d,
+                    kt.data() + j * d * kTile);
   for (int64_t t0 = 0; t0 < sh.q_len; t0 += kTile) {
     int64_t lq, lv, lm;
     const float* qb = block(q_bh, q_ld, t0, sh.q_len, d, q_pad.data(), &lq);

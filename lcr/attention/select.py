@@ -94,7 +94,8 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend('xla', xla_attention, ('cpu', 'gpu', 'tpu'), lambda c: None, _dense_fits),
     Backend('chunked', chunked_attention, ('cpu', 'gpu', 'tpu'), lambda c: None),
 )}
-AUTO_ORDER = ('splash', 'cudnn', 'cpu_flash', 'xla', 'chunked')     # fastest first; chunked always applies
+# Fastest first; chunked always applies.
+AUTO_ORDER = ('splash', 'cudnn', 'cpu_flash', 'xla', 'chunked')
 
 
 def choose(call: Call) -> tuple[str, str]:
