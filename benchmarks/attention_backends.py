@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +25,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lcr import attention  # noqa: E402
+from timing import best_seconds  # noqa: E402
 
 _SHAPE = flags.DEFINE_list('shape', ['16', '256', '6', '64'], 'B, T, H, D')
 _BACKENDS = flags.DEFINE_list('backends', ['cpu_flash', 'xla', 'chunked'], 'lcr backends to time')
@@ -34,15 +34,7 @@ _REPEATS = flags.DEFINE_integer('repeats', 7, 'timed runs of 10 calls; the best 
 
 
 def best_ms(fn, sync, repeats: int) -> float:
-  sync(fn())
-  best = float('inf')
-  for _ in range(repeats):
-    start = time.perf_counter()
-    for _ in range(10):
-      out = fn()
-    sync(out)
-    best = min(best, (time.perf_counter() - start) / 10)
-  return best * 1e3
+  return best_seconds(fn, (), repeats, sync, calls=10) * 1e3
 
 
 def main(argv):

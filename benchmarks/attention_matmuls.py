@@ -11,29 +11,18 @@ dominate the ``xla`` attention backend's cost on CPU (see README, Throughput).
 from __future__ import annotations
 
 import json
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from timing import best_seconds
+
 _BATCH = flags.DEFINE_integer('batch', 96, 'N: batch × heads (model c: 16 × 6)')
 _LENGTH = flags.DEFINE_integer('length', 256, 'T = S')
 _HEAD_DIM = flags.DEFINE_integer('head_dim', 64, 'D')
 _REPEATS = flags.DEFINE_integer('repeats', 7, 'timed runs of 5 calls; the best is kept')
-
-
-def best_seconds(fn, args, repeats: int, sync) -> float:
-  sync(fn(*args))
-  best = float('inf')
-  for _ in range(repeats):
-    start = time.perf_counter()
-    for _ in range(5):
-      out = fn(*args)
-    sync(out)
-    best = min(best, (time.perf_counter() - start) / 5)
-  return best
 
 
 def main(argv):

@@ -538,9 +538,9 @@ def call(platform='cpu', dtype='float32', t=1024, s=None, has_bias=False, mask=M
      'chunked'),
     (call('tpu', 'bfloat16', t=512, s=1024), 'xla'),                  # cross-attention
 ])
-def test_auto_choice(c, expected):
-  if cpu_flash.unavailable() and c.platform == 'cpu':
-    pytest.skip(cpu_flash.unavailable())
+def test_auto_choice(c, expected, monkeypatch):
+  """The table as on a machine with a C++ compiler (test_cpu_flash covers one without)."""
+  monkeypatch.setattr(cpu_flash, 'unavailable', lambda: None)
   assert attention.choose(c)[0] == expected
 
 

@@ -37,7 +37,6 @@ constexpr int kRows = 4;    // output rows per micro-kernel call
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4), may_alias));
 typedef int32_t i16 __attribute__((vector_size(64)));
-typedef uint8_t b16 __attribute__((vector_size(16)));
 typedef uint8_t b16u __attribute__((vector_size(16), aligned(1), may_alias));
 
 inline v16 load(const float* p) { return *reinterpret_cast<const v16u*>(p); }
