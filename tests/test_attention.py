@@ -603,11 +603,11 @@ def test_config_names_agree_with_the_registries():
 # The model's modules.
 
 
-def test_model_variants_run_through_chunked_and_dynamic_ntk_blocks():
-  """A sliding-window LM with dynamic NTK gives the same logits with chunked and xla."""
+def test_model_variants_give_the_same_logits_with_chunked_and_xla():
+  """A sliding-window LM with YaRN and length-scaled logits: chunked equals xla."""
   from lcr.model import TransformerLM
   base = dict(vocab_size=31, num_layers=1, d_model=32, num_heads=4, num_kv_heads=2,
-              attention='sliding', window=5, rope_scaling='dynamic_ntk', rope_factor=2.0,
+              attention='sliding', window=5, rope_scaling='yarn', rope_factor=2.0,
               rope_original_length=16, attention_chunk=8, length_scaled_logits=True,
               length_scale_base=16)
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 31, size=(2, 41)))
