@@ -9,7 +9,6 @@ checked against a full forward over [sinks ++ last window] at the positions with
 
 import dataclasses
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +20,8 @@ from lcr.decode import cache as cache_lib
 from lcr.decode import engine
 from lcr.model import TransformerLM
 
+from conftest import random_params as init
+
 VOCAB = 29
 BASE = dict(vocab_size=VOCAB, num_layers=2, d_model=24, num_heads=6, max_len=64,
             rope_original_length=0, attention_backend='xla')
@@ -30,16 +31,6 @@ VARIANTS = {'causal': {}, 'sliding': dict(attention='sliding', window=6),
             'blockwise': dict(attention='blockwise', attention_block=4)}
 SCALED = dict(rope_original_length=8, rope_factor=2.5, yarn_beta_fast=4.0, yarn_beta_slow=1.0)
 DECODE = DecodeConfig()
-
-
-def init(cfg: ModelConfig, seed: int = 0):
-  """Random parameters of the model's shapes, larger than the initialiser's so attention is sharp
-  and a wrong key shows (built from the shapes alone: no compilation)."""
-  shapes = jax.eval_shape(
-      lambda: TransformerLM(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params'])
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape) * 0.4, s.dtype),
-                      nn.meta.unbox(shapes))
 
 
 def assert_close(got, want, **kw):

@@ -98,7 +98,7 @@ def _candidates(search: _Search, logits_BnxV, prompt, lengths, n: int):
   forced = pos < lengths
   logp = jax.nn.log_softmax(logits_BnxV.astype(jnp.float32), axis=-1).reshape(b, n, vocab)
   prompt_tok = jnp.take_along_axis(prompt, jnp.minimum(pos, prompt.shape[1] - 1)[:, None], 1)[:, 0]
-  one_hot = jnp.where(jnp.arange(vocab) == prompt_tok[:, None, None], 0.0, NEG_INF)
+  one_hot = jnp.where(jnp.arange(vocab)[None, None] == prompt_tok[:, None, None], 0.0, NEG_INF)
   logp = jnp.where(forced[:, None, None], one_hot, logp)
   total = (search.raw[:, :, None] + logp).reshape(b, n * vocab)
   raw, flat = jax.lax.top_k(total, 2 * n)

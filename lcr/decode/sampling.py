@@ -50,7 +50,7 @@ def keep_top_p(logits_BxV: jax.Array, p: float, min_tokens_to_keep: int = 1) -> 
   probs = jax.nn.softmax(logits_BxV.astype(jnp.float32), axis=-1)
   sorted_probs = -jnp.sort(-probs, axis=-1)                           # descending
   mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-  rank = jnp.arange(sorted_probs.shape[-1])
+  rank = jnp.arange(sorted_probs.shape[-1]).reshape((1,) * (probs.ndim - 1) + (-1,))
   kept = (mass_before < p - NUCLEUS_SLACK) | (rank < min_tokens_to_keep)
   threshold = jnp.min(jnp.where(kept, sorted_probs, jnp.inf), axis=-1, keepdims=True)
   return jnp.where(probs >= threshold, logits_BxV, -jnp.inf)
