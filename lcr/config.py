@@ -257,6 +257,7 @@ def model_config(cfg: Mapping[str, Any] | None) -> ModelConfig:
 
 
 EVAL_PROTOCOLS = ('nonoverlapping', 'sliding')
+PASSKEY_MODES = ('teacher_forced', 'generate')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,6 +284,9 @@ class EvalConfig:
   passkey_trials: int = 20
   passkey_format: str = 'mj'             # 'mj' (Mohtashami & Jaggi's prompt) | 'compact' (43 tokens)
   passkey_lengths: tuple[int, ...] = ()  # () = the evaluation lengths
+  # 'teacher_forced' (argmax of every answer token given the true prefix) and/or 'generate' (the
+  # key greedily generated with the KV cache, exact match).
+  passkey_modes: tuple[str, ...] = ('teacher_forced',)
 
   def __post_init__(self):
     for i, length in enumerate(self.lengths):
@@ -307,6 +311,10 @@ class EvalConfig:
     check_choice('eval.passkey_format', self.passkey_format, ('mj', 'compact'))
     for i, length in enumerate(self.passkey_lengths):
       check_positive(f'eval.passkey_lengths[{i}]', length)
+    if not self.passkey_modes:
+      fail('eval.passkey_modes', self.passkey_modes, "name at least one of 'teacher_forced', 'generate'")
+    for mode in self.passkey_modes:
+      check_choice('eval.passkey_modes', mode, PASSKEY_MODES)
 
   def eval_lengths(self, train_len: int) -> tuple[int, ...]:
     return self.lengths or tuple(train_len * m for m in self.multipliers)
