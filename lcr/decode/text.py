@@ -85,7 +85,7 @@ def generation_config(workdir: str, overrides: Sequence[str], prompt_len: int) -
         f'{workdir} has no trained model ({checkpoint.CONFIG_FILE} and {checkpoint.CHECKPOINT_DIR}/ '
         'are written by training); train first or pass the right --workdir')
   with open(path) as f:
-    cd = ml_collections.ConfigDict(json.load(f))
+    cd = ml_collections.ConfigDict(_tuples(json.load(f)))
   for override in overrides:
     cli.apply_override(cd, override)
   model, train_len = cd.model, cd.train.seq_len
@@ -96,6 +96,15 @@ def generation_config(workdir: str, overrides: Sequence[str], prompt_len: int) -
     logging.info('rope_scaling=%s from the training length %d, factor %.3g', model.rope_scaling,
                  train_len, model.rope_factor)
   return from_config_dict(cd)
+
+
+def _tuples(value: Any) -> Any:
+  """JSON lists back into the tuples config fields hold (so overrides parse as they do for files)."""
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  return value
 
 
 def generate_text(workdir: str, overrides: Sequence[str], prompt: str,
