@@ -519,6 +519,8 @@ def call(platform='cpu', dtype='float32', t=1024, s=None, has_bias=False, mask=M
     (call(t=16384), 'cpu_flash'),                                      # 256 MiB mask: fits
     (call(t=16384, batch=2), 'chunked'),                              # 512 MiB: does not
     (call(t=512, devices=8), 'xla'),                                  # the kernel is not partitioned
+    (call(t=1, s=32768), 'xla'),                                      # a decoding step
+    (call(t=16, s=4096), 'cpu_flash'),
     (call(t=512, dtype='bfloat16'), 'xla'),
     (call(t=512, head_dim=8), 'xla'),
     (call(t=512, has_bias=True), 'xla'),

@@ -87,12 +87,23 @@ def slot_targets(layout: CacheLayout, last_B: jax.Array) -> jax.Array:
   return jnp.where(j < n, jnp.where(j <= last, j, -1), jnp.where(ring >= n, ring, -1))
 
 
+def slot_of(layout: CacheLayout, position: jax.Array) -> jax.Array:
+  """The slot a position is written to."""
+  n = layout.sinks
+  return jnp.where(position < n, position, n + jnp.mod(position - n, layout.ring))
+
+
 def write(layout: CacheLayout, cached_BxC: jax.Array, new_BxT: jax.Array, first_B: jax.Array,
           last_B: jax.Array) -> jax.Array:
   """The cache after writing new tokens at positions first … last (new_BxT[:, i] is first + i).
 
-  Rows with last < first (no new token) keep their cache.
+  Rows with last < first (no new token) keep their cache. One token per row is a scatter into its
+  slot; more are a gather over every slot.
   """
+  if new_BxT.shape[1] == 1:
+    rows = jnp.arange(new_BxT.shape[0])
+    slot = jnp.where(last_B >= first_B, slot_of(layout, first_B), layout.capacity)   # OOB: dropped
+    return cached_BxC.at[rows, slot].set(new_BxT[:, 0].astype(cached_BxC.dtype), mode='drop')
   target = slot_targets(layout, last_B)                          # [B, C]
   take = (target >= first_B[:, None]) & (target <= last_B[:, None])
   index = jnp.clip(target - first_B[:, None], 0, new_BxT.shape[1] - 1)

@@ -53,13 +53,22 @@ class CachedAttention(nn.Module):
     seq_len = last + 1 if rotary and layout.rotated and cfg.rope_scaling == 'dynamic_ntk' else None
     if rotary and layout.rotated:   # a static rotation: keys are cached rotated
       q, k = positional.rotate(cfg, q, k, positions_BxT, positions_BxT, seq_len=seq_len)
+    write = lambda: self._write(key, value, position, k, v, positions_BxT, first, last)
     if fresh:
       k_all, v_all, k_pos, k_real = k, v, positions_BxT, real
+      write()
+    elif q.shape[1] == 1:
+      # One token per row: write it first, then attend over the cache alone. Whatever the write
+      # evicts lies outside the pattern of this query (a ring holds at least its window).
+      write()
+      k_all, v_all, k_pos = key.value, value.value, position.value
+      k_real = k_pos >= 0
     else:
       k_all = jnp.concatenate([key.value, k.astype(key.value.dtype)], axis=1)
       v_all = jnp.concatenate([value.value, v.astype(value.value.dtype)], axis=1)
       k_pos = jnp.concatenate([position.value, positions_BxT], axis=1)
       k_real = jnp.concatenate([position.value >= 0, real], axis=1)
+      write()
     bias_fn = positional.bias_fn(cfg, pos_table)
     if bias_fn is not None and layout.renumber:
       plain_bias = bias_fn
@@ -70,9 +79,11 @@ class CachedAttention(nn.Module):
         jnp.where(real, 1, 2), k_real.astype(jnp.int32), bias_fn,
         rotate=rotary and not layout.rotated, enc_q_pos=renumber(positions_BxT),
         enc_k_pos=renumber(k_pos), seq_len=seq_len)
-    key.value = cache_lib.write(layout, key.value, k, first, last)
-    value.value = cache_lib.write(layout, value.value, v, first, last)
-    position.value = cache_lib.write(layout, position.value, positions_BxT, first, last)
-    for var in (key, value):
-      var.value = nn.with_logical_constraint(var.value, KV_AXES)
     return out
+
+  def _write(self, key, value, position, k, v, positions_BxT, first, last):
+    layout = self.layout
+    key.value = nn.with_logical_constraint(cache_lib.write(layout, key.value, k, first, last), KV_AXES)
+    value.value = nn.with_logical_constraint(
+        cache_lib.write(layout, value.value, v, first, last), KV_AXES)
+    position.value = cache_lib.write(layout, position.value, positions_BxT, first, last)
