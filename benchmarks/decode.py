@@ -28,6 +28,7 @@ Output: a Markdown table, then one JSON object per line.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -64,7 +65,6 @@ def measure(cache: str, heads: str, length: int) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from benchmarks.timing import best_seconds
   from lcr.config import DecodeConfig
   from lcr.decode import engine, sampling
   from lcr.model import TransformerLM
@@ -84,7 +84,9 @@ def measure(cache: str, heads: str, length: int) -> dict:
   logits, state = jax.block_until_ready(prefill(params, prompt, lengths))
   prefill_s = min(prefill_s, time.perf_counter() - start)
 
-  @jax.jit
+  cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+
+  @functools.partial(jax.jit, donate_argnums=1)   # the cache is updated in place, as in generate
   def steps(params, state, token):
     def body(i, carry):
       state, token = carry
@@ -92,9 +94,12 @@ def measure(cache: str, heads: str, length: int) -> dict:
       return state, sampling.greedy(logits)
     return jax.lax.fori_loop(0, g, body, (state, token))
 
-  token = sampling.greedy(logits)
-  loop_s = best_seconds(steps, (params, state, token), repeats=3, sync=jax.block_until_ready, calls=1)
-  cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+  carry = jax.block_until_ready(steps(params, state, sampling.greedy(logits)))   # compiles
+  loop_s = float('inf')
+  for _ in range(3):     # each loop steps at positions N … N + G − 1 again, from the last state
+    start = time.perf_counter()
+    carry = jax.block_until_ready(steps(params, *carry))
+    loop_s = min(loop_s, time.perf_counter() - start)
   return dict(impl='lcr', cache=cache, heads=heads, kv_heads=KV_HEADS[heads], context=length,
               prefill_tokens=prompt_len, prefill_s=round(prefill_s, 4),
               ms_per_token=round(1e3 * loop_s / g, 4), tokens_per_s=round(g / loop_s, 1),

@@ -139,10 +139,10 @@ def test_ring_and_sink_caches_do_not_grow_with_the_generated_length(tiny, attent
                               jnp.full((3,), 4, jnp.int32))
     shapes[new] = {k: v.value.shape for k, v in state['layer_0']['attention']['cache'].items()}
   if capacity is None:   # the full cache holds every position
-    assert shapes[24]['key'][1] == 28 and shapes[400]['key'][1] == 404
+    assert shapes[24]['key'][2] == 28 and shapes[400]['key'][2] == 404
   else:
     assert shapes[24] == shapes[400]
-    assert shapes[400]['key'] == (3, capacity, 2, 4) and shapes[400]['position'] == (3, capacity)
+    assert shapes[400] == {'key': (3, 2, capacity, 4), 'value': (3, 2, capacity, 4)}
   out = engine.generate(params, cfg, DecodeConfig(max_new_tokens=4 * (capacity or 6)), PROMPTS)
   assert out.lengths.tolist() == [4 * (capacity or 6)] * 3
 

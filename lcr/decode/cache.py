@@ -93,24 +93,28 @@ def slot_of(layout: CacheLayout, position: jax.Array) -> jax.Array:
   return jnp.where(position < n, position, n + jnp.mod(position - n, layout.ring))
 
 
-def write(layout: CacheLayout, cached_BxC: jax.Array, new_BxT: jax.Array, first_B: jax.Array,
-          last_B: jax.Array) -> jax.Array:
-  """The cache after writing new tokens at positions first … last (new_BxT[:, i] is first + i).
+def write(layout: CacheLayout, cached: jax.Array, new: jax.Array, first_B: jax.Array,
+          last_B: jax.Array, axis: int = 1) -> jax.Array:
+  """The cache after writing new tokens at positions first … last of each row.
 
-  Rows with last < first (no new token) keep their cache. One token per row is a scatter into its
-  slot; more are a gather over every slot.
+  ``axis`` is the slot axis of ``cached`` and the token axis of ``new`` (batch first in both):
+  new[:, …, i] holds position first + i. Rows with last < first (no new token) keep their cache.
+  One token per row is a scatter into its slot; more are a gather over every slot.
   """
-  if new_BxT.shape[1] == 1:
-    rows = jnp.arange(new_BxT.shape[0])
-    slot = jnp.where(last_B >= first_B, slot_of(layout, first_B), layout.capacity)   # OOB: dropped
-    return cached_BxC.at[rows, slot].set(new_BxT[:, 0].astype(cached_BxC.dtype), mode='drop')
+  b = cached.shape[0]
+  if new.shape[axis] == 1:   # every row writes its one token (a decoding step): in place
+    index = (jnp.arange(b),) + (slice(None),) * (axis - 1) + (slot_of(layout, first_B),)
+    return cached.at[index].set(jnp.squeeze(new, axis).astype(cached.dtype),
+                                indices_are_sorted=True, unique_indices=True,
+                                mode='promise_in_bounds')
   target = slot_targets(layout, last_B)                          # [B, C]
   take = (target >= first_B[:, None]) & (target <= last_B[:, None])
-  index = jnp.clip(target - first_B[:, None], 0, new_BxT.shape[1] - 1)
-  index = index.reshape(index.shape + (1,) * (new_BxT.ndim - 2))
-  gathered = jnp.take_along_axis(new_BxT, index, axis=1)
-  take = take.reshape(take.shape + (1,) * (new_BxT.ndim - 2))
-  return jnp.where(take, gathered.astype(cached_BxC.dtype), cached_BxC)
+  shape = [b] + [1] * (new.ndim - 1)
+  shape[axis] = layout.capacity
+  index = jnp.clip(target - first_B[:, None], 0, new.shape[axis] - 1).reshape(shape)
+  gathered = jnp.take_along_axis(new, jnp.broadcast_to(index, new.shape[:axis] + (
+      layout.capacity,) + new.shape[axis + 1:]), axis=axis)
+  return jnp.where(take.reshape(shape), gathered.astype(cached.dtype), cached)
 
 
 def renumber(layout: CacheLayout, positions: jax.Array, query_last_B: jax.Array) -> jax.Array:
