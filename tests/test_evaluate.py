@@ -78,6 +78,7 @@ def test_every_target_scored_exactly_once(protocol, eval_len, stride, num_target
 
 
 def test_sliding_with_stride_equal_to_length_equals_nonoverlapping():
+  """An invariant: stride L makes the sliding windows the non-overlapping ones."""
   rng = np.random.default_rng(1)
   stream = evaluate.make_stream(rng.integers(0, VOCAB, size=50).astype(np.int32))
   a = evaluate.score_stream(_positional_apply, stream, eval_len=16, protocol='nonoverlapping')
@@ -186,21 +187,20 @@ def test_learned_position_policy_is_explicit():
     evaluate.learned_position_limit(cfg, EvalConfig(), 64, 512)
 
 
-def test_evaluator_plans_scalings_for_rope_only_and_reuses_identical_configs():
+def test_evaluator_plans_scalings_for_rope_only_and_reuses_identical_configs(rope):
   eval_cfg = EvalConfig(multipliers=(1, 2), protocols=('nonoverlapping', 'sliding'),
                         rope_scalings=('none', 'ntk'), max_tokens=32, batch_size=2)
   rope_tasks = evaluate.plan_tasks(ModelConfig(pos='rope'), eval_cfg, 8)
   assert len(rope_tasks) == 2 * 2 * 2
   assert {t.stride for t in rope_tasks if t.protocol == 'sliding'} == {8}
   assert len(evaluate.plan_tasks(ModelConfig(pos='alibi'), eval_cfg, 8)) == 2 * 2
-  model, params = _tiny_model('rope')
-  cfg = ModelConfig(vocab_size=VOCAB, num_layers=1, d_model=16, num_heads=2, pos='rope', max_len=64)
-  evaluator = evaluate.Evaluator(params['params'], cfg, eval_cfg, 8)
+  cfg, params = rope
+  evaluator = evaluate.Evaluator(params, cfg, eval_cfg, 8)
   stream = evaluate.make_stream(np.arange(60, dtype=np.int32) % VOCAB)
   at_l = [evaluator.perplexity(evaluate.Task(s, 'nonoverlapping', 8, 0), stream, None)
           for s in ('none', 'ntk')]
   assert at_l[0] is at_l[1]                               # factor 1: computed once
-  # What the scaling computes at 2L is checked against the NTK base in test_evaluator_ntk_is_...
+  # What a scaling computes at 2L: test_evaluator_ntk_is_rope_with_the_ntk_base.
   fields = evaluator.task_fields(evaluate.Task('ntk', 'nonoverlapping', 16, 0))
   assert fields['rope_factor'] == 2.0 and fields['learned_positions'] is None
 

@@ -96,7 +96,7 @@ def test_rope_inv_freq_matches_reference(scaling, dim, base, factor, original, s
 
 
 def test_dynamic_ntk_equals_plain_rope_up_to_the_original_length():
-  plain, _ = positional.rope_inv_freq(32)
+  plain = 10000.0 ** (-np.arange(0, 32, 2) / 32)     # RoFormer eq. 15
   for seq_len in (1, 100, 512):
     dyn, _ = positional.rope_inv_freq(32, scaling='dynamic_ntk', factor=4.0, original_length=512,
                                       seq_len=seq_len)
@@ -108,7 +108,7 @@ def test_dynamic_ntk_equals_plain_rope_up_to_the_original_length():
 
 def test_yarn_ramp_endpoints():
   dim, base, original, factor = 64, 10000.0, 2048, 8.0
-  plain, _ = positional.rope_inv_freq(dim, base=base)
+  plain = base ** (-np.arange(0, dim, 2) / dim)      # RoFormer eq. 15
   yarn, scale = positional.rope_inv_freq(dim, base=base, scaling='yarn', factor=factor,
                                          original_length=original)
   # Wavelength 2π/θ_i: high-frequency dims (many turns over the original length, > beta_fast = 32)
@@ -130,6 +130,8 @@ def _scores(cfg, q, k, q_pos, k_pos):
                                          ('rope', 'dynamic_ntk'), ('rope', 'yarn'),
                                          ('xpos', 'none')])
 def test_rotary_scores_depend_only_on_the_offset(pos, scaling):
+  """An invariant (RoFormer §3.4.2): shifting every position leaves q·k unchanged; the scores
+  themselves are checked against NumPy in test_rotate_scores_match_hugging_face_formulas."""
   cfg = ModelConfig(pos=pos, d_model=32, num_heads=2, rope_scaling=scaling, rope_factor=4.0,
                     rope_original_length=64 if scaling != 'none' else 0, xpos_scale_base=64.0)
   rng = np.random.default_rng(0)
