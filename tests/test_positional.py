@@ -251,6 +251,18 @@ def test_rotate_dynamic_ntk_at_a_traced_length_below_and_above_the_original(seq_
   assert np.array_equal(inv_freq, plain) == (seq_len <= ROT['original'])
 
 
+def test_rotate_dynamic_ntk_length_defaults_to_the_largest_key_position_plus_one():
+  """Hugging Face takes the length from the positions, max(position_ids) + 1: keys at 0…9 with an
+  original length of 8 give α = 3·10/8 − 2 = 1.75 (one less would give 1.375)."""
+  cfg = dataclasses.replace(rotary_config('dynamic_ntk', 1.0), rope_original_length=8)
+  positions = np.arange(10)[None]
+  q, k = random_qk(3, 10, ROT['head_dim'])
+  inv_freq, _ = reference_inv_freq(ROT['head_dim'], ROT['base'], 'dynamic_ntk', ROT['factor'], 8,
+                                   10, *ROT['betas'])
+  want = reference_rotary_scores(q, k, positions, positions, inv_freq)
+  np.testing.assert_allclose(rotated_scores(cfg, q, k, positions), want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize('fraction', [0.5, 1.0])
 def test_rotate_xpos_with_non_default_gamma_scale_base_and_base(fraction):
   """xPos scores Σ_i ζ_i^((n−m)/scale_base)·(RoPE pair term), ζ_i = (2i/R + γ)/(1 + γ), for
