@@ -62,6 +62,7 @@ class _SigtermAt:
 
 
 def test_sigterm_saves_and_the_rerun_ends_with_the_uninterrupted_metrics(config, reference, tmp_path):
+  """An invariant is the only reference here: preempted and resumed equals uninterrupted."""
   data = train.open_data(config)
   with pytest.raises(train.Preempted, match='after step 5'):
     train.train(train.with_vocab(config, data.vocab_size), str(tmp_path),
@@ -109,6 +110,7 @@ def test_resuming_with_another_model_is_refused(reference, config, tmp_path):
 
 
 def test_load_params_gives_the_trained_model(reference):
+  """An invariant: the loaded parameters give the validation loss the run logged."""
   params, config = checkpoint.load_params(str(reference))
   assert config.model.vocab_size == 259            # set from the bytes tokenizer
   # Recomputing the final validation loss from the loaded parameters gives the logged one.

@@ -343,6 +343,8 @@ def test_a_corpus_too_small_for_every_process_names_train_seq_len(mock_cfg):
 
 
 def test_restored_iterator_continues_with_the_same_batches(mock_cfg, tmp_path):
+  """An invariant: a restored iterator (in memory or from an orbax checkpoint) continues with the
+  batches the original would have given."""
   cfg = dataclasses.replace(mock_cfg, shuffle=True)
   kwargs = dict(seq_len=7, batch_size=4, seed=5)
   iterator = make_train_iterator(cfg, **kwargs)
@@ -370,6 +372,7 @@ def test_restored_iterator_continues_with_the_same_batches(mock_cfg, tmp_path):
 
 
 def test_worker_processes_give_the_same_batches(mock_cfg):
+  """An invariant: grain worker processes change where batches are made, not which."""
   cfg = dataclasses.replace(mock_cfg, shuffle=True)
   kwargs = dict(seq_len=7, batch_size=4, seed=1)
   in_process = make_train_iterator(cfg, **kwargs)

@@ -1,6 +1,7 @@
 """Perplexity protocols, windowing, bits per byte and RoPE evaluation configs of lcr.evaluate."""
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -11,6 +12,7 @@ import pytest
 from lcr import evaluate
 from lcr.config import ConfigError, EvalConfig, ModelConfig
 from lcr.model import TransformerLM
+from test_passkey import Bytes, position_oracle
 
 VOCAB = 11
 
@@ -76,6 +78,7 @@ def test_every_target_scored_exactly_once(protocol, eval_len, stride, num_target
 
 
 def test_sliding_with_stride_equal_to_length_equals_nonoverlapping():
+  """An invariant: stride L makes the sliding windows the non-overlapping ones."""
   rng = np.random.default_rng(1)
   stream = evaluate.make_stream(rng.integers(0, VOCAB, size=50).astype(np.int32))
   a = evaluate.score_stream(_positional_apply, stream, eval_len=16, protocol='nonoverlapping')
@@ -184,22 +187,153 @@ def test_learned_position_policy_is_explicit():
     evaluate.learned_position_limit(cfg, EvalConfig(), 64, 512)
 
 
-def test_evaluator_plans_scalings_for_rope_only_and_reuses_identical_configs():
+def test_evaluator_plans_scalings_for_rope_only_and_reuses_identical_configs(rope):
   eval_cfg = EvalConfig(multipliers=(1, 2), protocols=('nonoverlapping', 'sliding'),
                         rope_scalings=('none', 'ntk'), max_tokens=32, batch_size=2)
   rope_tasks = evaluate.plan_tasks(ModelConfig(pos='rope'), eval_cfg, 8)
   assert len(rope_tasks) == 2 * 2 * 2
   assert {t.stride for t in rope_tasks if t.protocol == 'sliding'} == {8}
   assert len(evaluate.plan_tasks(ModelConfig(pos='alibi'), eval_cfg, 8)) == 2 * 2
-  model, params = _tiny_model('rope')
-  cfg = ModelConfig(vocab_size=VOCAB, num_layers=1, d_model=16, num_heads=2, pos='rope', max_len=64)
-  evaluator = evaluate.Evaluator(params['params'], cfg, eval_cfg, 8)
+  cfg, params = rope
+  evaluator = evaluate.Evaluator(params, cfg, eval_cfg, 8)
   stream = evaluate.make_stream(np.arange(60, dtype=np.int32) % VOCAB)
   at_l = [evaluator.perplexity(evaluate.Task(s, 'nonoverlapping', 8, 0), stream, None)
           for s in ('none', 'ntk')]
   assert at_l[0] is at_l[1]                               # factor 1: computed once
-  at_2l = [evaluator.perplexity(evaluate.Task(s, 'nonoverlapping', 16, 0), stream, None)
-           for s in ('none', 'ntk')]
-  assert at_2l[0].nll != at_2l[1].nll
+  # What a scaling computes at 2L: test_evaluator_ntk_is_rope_with_the_ntk_base.
   fields = evaluator.task_fields(evaluate.Task('ntk', 'nonoverlapping', 16, 0))
   assert fields['rope_factor'] == 2.0 and fields['learned_positions'] is None
+
+
+# ----------------------------------------------------------------------------------------------
+# The Evaluator's wiring: what it passes to score_stream and passkey scoring, against references
+# computed here window by window from the model's logits (a model trained at L = 8).
+
+L = 8
+
+
+def _model(**fields):
+  cfg = ModelConfig(vocab_size=VOCAB, num_layers=1, d_model=16, num_heads=2, max_len=64, **fields)
+  params = TransformerLM(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))['params']
+  return cfg, params
+
+
+@pytest.fixture(scope='module')
+def learned():
+  return _model(pos='learned')
+
+
+@pytest.fixture(scope='module')
+def rope():
+  return _model(pos='rope')
+
+
+@functools.cache
+def jitted_apply(cfg):
+  return jax.jit(TransformerLM(cfg).apply)
+
+
+def window_log_probs(cfg, params, windows, positions):
+  """[W, T, V] float64 log-probabilities of ``TransformerLM(cfg)`` on each window [W, T]."""
+  logits = jitted_apply(cfg)({'params': params}, jnp.asarray(windows, jnp.int32),
+                             jnp.asarray(np.broadcast_to(positions, windows.shape)))
+  return _log_softmax(np.asarray(logits, np.float64))
+
+
+def nonoverlapping_nll(cfg, params, tokens, eval_len, positions):
+  """Σ −log p(token j + 1) over windows [kL', (k+1)L') of a stream that fills them exactly."""
+  windows = tokens[:-1].reshape(-1, eval_len)
+  targets = tokens[1:].reshape(-1, eval_len)
+  logp = window_log_probs(cfg, params, windows, positions)
+  return -np.take_along_axis(logp, targets[..., None], -1).sum()
+
+
+@pytest.mark.parametrize('policy', ['clamp', 'untrained'])
+def test_evaluator_learned_positions_clamp_or_untrained(policy, learned):
+  """Past L a learned table gives every position >= L row L − 1 ('clamp') or its own, untrained
+  row ('untrained'): the Evaluator's NLL is the per-window NLL with exactly those positions."""
+  cfg, params = learned
+  tokens = np.random.default_rng(4).integers(0, VOCAB, size=2 * 16 + 1).astype(np.int32)
+  evaluator = evaluate.Evaluator(params, cfg, EvalConfig(learned_positions=policy, batch_size=2), L)
+  scores = evaluator.perplexity(evaluate.Task('none', 'nonoverlapping', 16, 0),
+                                evaluate.make_stream(tokens), None)
+  positions = {'clamp': np.minimum(np.arange(16), L - 1), 'untrained': np.arange(16)}
+  want = {p: nonoverlapping_nll(cfg, params, tokens, 16, positions[p]) for p in positions}
+  assert scores.tokens == 32
+  np.testing.assert_allclose(scores.nll, want[policy], rtol=1e-5)
+  assert abs(want['clamp'] - want['untrained']) > 1e-2     # the two policies really differ here
+
+
+def sliding_nll(cfg, params, tokens, eval_len, stride):
+  """Each target j (token j + 1) from the window the sliding protocol scores it in, by definition:
+  j < L in window [0, L); else the window ending at e = L + kS with k = ⌊(j − L)/S⌋ + 1."""
+  n = len(tokens) - 1
+  starts = [0 if j < eval_len else (j - eval_len) // stride * stride + stride for j in range(n)]
+  padded = np.concatenate([tokens, np.zeros(eval_len, np.int32)])   # causal: padding is unseen
+  first = sorted(set(starts))
+  windows = np.stack([padded[s:s + eval_len] for s in first])
+  logp = window_log_probs(cfg, params, windows, np.arange(eval_len))
+  return -sum(logp[first.index(s), j - s, tokens[j + 1]] for j, s in enumerate(starts))
+
+
+def test_evaluator_sliding_stride_and_bits_per_byte_of_the_scored_targets(rope):
+  """eval.stride = 3 reaches the windows, and bits per byte count the UTF-8 bytes of the scored
+  targets, each once: here the first input (0 bytes) and the last target (4 bytes) differ."""
+  cfg, params = rope
+  eval_cfg = EvalConfig(lengths=(L,), protocols=('sliding',), stride=3, rope_scalings=('none',),
+                        batch_size=2)
+  [task] = evaluate.plan_tasks(cfg, eval_cfg, L)
+  assert task == evaluate.Task('none', 'sliding', L, 3)
+  tokens = np.random.default_rng(5).integers(1, VOCAB - 1, size=30).astype(np.int32)
+  tokens[0], tokens[-1] = 0, VOCAB - 1
+  byte_lengths = np.r_[0, np.random.default_rng(6).integers(1, 4, size=VOCAB - 2), 4]
+  assert byte_lengths[tokens[1:]].sum() != byte_lengths[tokens[:-1]].sum()
+  scores = evaluate.Evaluator(params, cfg, eval_cfg, L).perplexity(
+      task, evaluate.make_stream(tokens), byte_lengths)
+  want = sliding_nll(cfg, params, tokens, L, 3)
+  assert scores.tokens == 29 and scores.bytes == byte_lengths[tokens[1:]].sum()
+  np.testing.assert_allclose(scores.nll, want, rtol=1e-5)
+  np.testing.assert_allclose(scores.bpb, want / math.log(2) / byte_lengths[tokens[1:]].sum(),
+                             rtol=1e-5)
+  assert abs(want - sliding_nll(cfg, params, tokens, L, L)) > 1e-2   # the stride matters here
+
+
+@pytest.mark.parametrize('rope_factor', [0.0, 3.0])
+def test_evaluator_ntk_is_rope_with_the_ntk_base(rope_factor, rope):
+  """NTK-aware scaling (bloc97 2023) at eval_len 2L is plain RoPE with base · α^(d/(d−2)), where
+  α = eval_len / L, or eval.rope_factor when set; d = head_dim = 8."""
+  cfg, params = rope
+  tokens = np.random.default_rng(7).integers(0, VOCAB, size=2 * 16 + 1).astype(np.int32)
+  evaluator = evaluate.Evaluator(params, cfg, EvalConfig(rope_factor=rope_factor, batch_size=2), L)
+  scores = evaluator.perplexity(evaluate.Task('ntk', 'nonoverlapping', 16, 0),
+                                evaluate.make_stream(tokens), None)
+  alpha = rope_factor or 16 / L
+  ntk = dataclasses.replace(cfg, rope_base=10000.0 * alpha ** (8 / 6))
+  want = nonoverlapping_nll(ntk, params, tokens, 16, np.arange(16))
+  np.testing.assert_allclose(scores.nll, want, rtol=1e-5)
+  assert abs(want - nonoverlapping_nll(cfg, params, tokens, 16, np.arange(16))) > 1e-3
+
+
+class ProbedEvaluator(evaluate.Evaluator):
+  """The Evaluator with test_passkey's position oracle for a model: its passkey accuracy is 1
+  when the oracle gets the positions it expects and 0 otherwise (the answer lies past L)."""
+
+  def __init__(self, model_cfg, eval_cfg, train_len, expects):
+    super().__init__({}, model_cfg, eval_cfg, train_len)
+    self.expects = expects
+
+  def apply_fn(self, cfg):
+    return position_oracle(self.expects)
+
+
+@pytest.mark.parametrize('pos,policy,expects,accuracy', [
+    ('learned', 'clamp', 31, 1.0), ('learned', 'clamp', None, 0.0),
+    ('learned', 'untrained', None, 1.0), ('learned', 'untrained', 31, 0.0),
+    ('rope', 'clamp', None, 1.0)])
+def test_evaluator_passkey_positions_follow_the_learned_position_policy(pos, policy, expects,
+                                                                        accuracy):
+  cfg = ModelConfig(vocab_size=256, d_model=16, num_heads=2, pos=pos, max_len=64)
+  eval_cfg = EvalConfig(learned_positions=policy, passkey_depths=(0.0, 1.0), passkey_trials=2,
+                        passkey_format='compact')
+  records = ProbedEvaluator(cfg, eval_cfg, 32, expects).passkey('none', 64, Bytes())
+  assert [r['accuracy'] for r in records] == [accuracy] * 2

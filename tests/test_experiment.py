@@ -41,6 +41,8 @@ def smoke_study(tmp_path_factory):
 
 
 def test_smoke_study_writes_every_row_and_figure(smoke_study):
+  """End to end: every row, file and figure is written. What a row's numbers are is checked
+  against references in test_evaluate (the Evaluator) and test_positional (the scalings)."""
   workdir, _, written = smoke_study
   assert sorted(written) == ['extrapolation.png', 'passkey.png', 'per_position.png', 'summary.md']
   rows = results.read_rows(os.path.join(workdir, results.RESULTS))

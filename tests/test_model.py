@@ -123,6 +123,7 @@ def unbox(tree):
 
 
 def test_scanned_layers_equal_unrolled_layers():
+  """An invariant: scanning the layers changes how they run, not what they compute."""
   model, params = build(pos='alibi', num_layers=3)
   scanned, _ = build(pos='alibi', num_layers=3, scan_layers=True, remat=True)
   plain = unbox(params)
@@ -135,6 +136,7 @@ def test_scanned_layers_equal_unrolled_layers():
 
 
 def test_remat_changes_neither_loss_nor_gradient():
+  """An invariant: rematerialisation recomputes activations, so gradients stay the same."""
   model, params = build(pos='rope', num_layers=1)
   remat_model, _ = build(pos='rope', num_layers=1, remat=True)
   tokens = jnp.asarray(np.random.default_rng(4).integers(0, 37, size=(2, 12)))
@@ -208,6 +210,8 @@ def test_dynamic_ntk_uses_the_base_of_the_length_each_query_reached():
 
 
 def test_rope_scalings_share_parameters_and_agree_within_the_training_length():
+  """An invariant: at factor 1 dynamic NTK and YaRN are plain RoPE (their formulas are checked
+  against NumPy in test_positional)."""
   model, params = build(pos='rope')
   tokens = np.random.default_rng(7).integers(0, 37, size=(1, 8))
   base = logits(model, params, tokens)

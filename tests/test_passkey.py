@@ -90,6 +90,33 @@ def test_one_wrong_digit_makes_the_example_wrong():
   np.testing.assert_array_equal(digits, 4)
 
 
+def position_oracle(max_position):
+  """A 'model' that ranks the true next token first at index t only when it is given position
+  min(t, max_position) (t itself for None), and the token after it otherwise: it answers a passkey
+  correctly exactly when its positions are clamped as promised, no more and no less."""
+  def apply_fn(tokens, positions, segment_ids):
+    t = jnp.arange(tokens.shape[1])
+    expected = t if max_position is None else jnp.minimum(t, max_position)
+    nxt = jnp.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)
+    return jax.nn.one_hot(jnp.where(positions == expected[None], nxt, (nxt + 1) % VOCAB), VOCAB)
+  return apply_fn
+
+
+def test_scoring_clamps_positions_at_max_position():
+  """The answer (tokens 91–95 of 96) sits past position 63: only max_position=63 gives the oracle
+  of a 64-row table the positions it expects; none, or one off either way, gets no digit right."""
+  examples = passkey.make_examples(Bytes(), 96, [0.0, 1.0], 2, fmt='compact')
+  correct, digits = passkey.score_examples(position_oracle(63), examples, batch_size=3,
+                                           max_position=63)
+  assert correct.all() and (digits == 5).all()
+  for wrong in (None, 62, 64):
+    correct, digits = passkey.score_examples(position_oracle(63), examples, batch_size=3,
+                                             max_position=wrong)
+    assert not correct.any() and not digits.any(), wrong
+  correct, digits = passkey.score_examples(position_oracle(None), examples, batch_size=3)
+  assert correct.all() and (digits == 5).all()
+
+
 def test_mix_passkey_replaces_a_fraction_of_rows():
   tok = Bytes()
   batch = np.zeros((64, 64), np.int32)

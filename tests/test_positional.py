@@ -1,6 +1,7 @@
 """Positional encodings against their papers' formulas, recomputed independently in NumPy."""
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -95,7 +96,7 @@ def test_rope_inv_freq_matches_reference(scaling, dim, base, factor, original, s
 
 
 def test_dynamic_ntk_equals_plain_rope_up_to_the_original_length():
-  plain, _ = positional.rope_inv_freq(32)
+  plain = 10000.0 ** (-np.arange(0, 32, 2) / 32)     # RoFormer eq. 15
   for seq_len in (1, 100, 512):
     dyn, _ = positional.rope_inv_freq(32, scaling='dynamic_ntk', factor=4.0, original_length=512,
                                       seq_len=seq_len)
@@ -107,7 +108,7 @@ def test_dynamic_ntk_equals_plain_rope_up_to_the_original_length():
 
 def test_yarn_ramp_endpoints():
   dim, base, original, factor = 64, 10000.0, 2048, 8.0
-  plain, _ = positional.rope_inv_freq(dim, base=base)
+  plain = base ** (-np.arange(0, dim, 2) / dim)      # RoFormer eq. 15
   yarn, scale = positional.rope_inv_freq(dim, base=base, scaling='yarn', factor=factor,
                                          original_length=original)
   # Wavelength 2π/θ_i: high-frequency dims (many turns over the original length, > beta_fast = 32)
@@ -129,6 +130,8 @@ def _scores(cfg, q, k, q_pos, k_pos):
                                          ('rope', 'dynamic_ntk'), ('rope', 'yarn'),
                                          ('xpos', 'none')])
 def test_rotary_scores_depend_only_on_the_offset(pos, scaling):
+  """An invariant (RoFormer §3.4.2): shifting every position leaves q·k unchanged; the scores
+  themselves are checked against NumPy in test_rotate_scores_match_hugging_face_formulas."""
   cfg = ModelConfig(pos=pos, d_model=32, num_heads=2, rope_scaling=scaling, rope_factor=4.0,
                     rope_original_length=64 if scaling != 'none' else 0, xpos_scale_base=64.0)
   rng = np.random.default_rng(0)
@@ -156,6 +159,126 @@ def test_rope_matches_the_roformer_rotation():
       c, s = math.cos(p * theta[i]), math.sin(p * theta[i])
       want[0, t, :, i], want[0, t, :, i + 3] = a * c - b * s, b * c + a * s
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# rotate() itself: q·k after what the model applies, against NumPy from the Hugging Face formulas.
+
+# Non-default everything, so a field that does not reach rotate() changes the scores: base 5000,
+# factor 3, YaRN betas (16, 2) (their ramp spans other dims than the defaults' (32, 1) here).
+ROT = dict(head_dim=32, base=5000.0, original=512, factor=3.0, betas=(16.0, 2.0))
+# Positions within, at and past the original length, and far past it.
+ROT_POSITIONS = np.array([[0, 1, 5, 63, 200, 511, 512, 700, 1500]])
+
+
+def rotary_config(scaling, fraction, pos='rope'):
+  scaled = scaling != 'none'
+  return ModelConfig(
+      pos=pos, d_model=2 * ROT['head_dim'], num_heads=2, rope_base=ROT['base'],
+      rope_fraction=fraction, rope_scaling=scaling, rope_factor=ROT['factor'] if scaled else 1.0,
+      rope_original_length=ROT['original'] if scaled else 0, yarn_beta_fast=ROT['betas'][0],
+      yarn_beta_slow=ROT['betas'][1])
+
+
+def reference_rotary_scores(q, k, q_pos, k_pos, inv_freq, scale=1.0, zeta=None, scale_base=1.0):
+  """[B, H, Tq, Tk] q·k after rotation, in float64 and complex form (RoFormer §3.2.2).
+
+  Dims (i, i + R/2) are z = x_i + j·x_(i+R/2), turned by e^(j·p·θ_i) and multiplied by the
+  attention scale on both q and k (Hugging Face multiplies cos and sin by it), so the score carries
+  scale²; dims past R (partial rotary, GPT-NeoX) pass unrotated and unscaled. xPos (Sun et al. 2022
+  eq. 11) multiplies the query's pair i by ζ_i^(n/scale_base) and the key's by ζ_i^(−m/scale_base).
+  """
+  half = len(inv_freq)
+
+  def turned(x, pos, sign):
+    z = x[..., :half] + 1j * x[..., half:2 * half]
+    z = z * np.exp(1j * pos[:, :, None, None] * inv_freq) * scale
+    return z if zeta is None else z * zeta ** (sign * pos[:, :, None, None] / scale_base)
+  rotary = np.einsum('bthi,bshi->bhts', turned(q, q_pos, 1), np.conj(turned(k, k_pos, -1))).real
+  return rotary + np.einsum('bthd,bshd->bhts', q[..., 2 * half:], k[..., 2 * half:])
+
+
+@functools.cache
+def jitted_rotate(cfg):
+  """rotate() under jit, ``seq_len`` a traced argument (one compile per config and seq_len kind)."""
+  return jax.jit(lambda q, k, qp, kp, seq_len: positional.rotate(cfg, q, k, qp, kp,
+                                                                 seq_len=seq_len))
+
+
+def rotated_scores(cfg, q, k, positions, seq_len=None):
+  qr, kr = jitted_rotate(cfg)(jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32),
+                              jnp.asarray(positions), jnp.asarray(positions), seq_len)
+  return np.einsum('bthd,bshd->bhts', np.asarray(qr, np.float64), np.asarray(kr, np.float64))
+
+
+def random_qk(seed, t, d):
+  rng = np.random.default_rng(seed)
+  return rng.normal(size=(1, t, 2, d)), rng.normal(size=(1, t, 2, d))
+
+
+@pytest.mark.parametrize('fraction', [0.5, 1.0])
+@pytest.mark.parametrize('scaling', config.ROPE_SCALINGS)
+def test_rotate_scores_match_hugging_face_formulas(scaling, fraction):
+  """Every scaling × rope_fraction, factor 3, YaRN betas (16, 2): the frequencies of the rotated
+  dims, YaRN's attention scale on q and k, and dynamic NTK's default length max(k_pos) + 1."""
+  cfg = rotary_config(scaling, fraction)
+  q, k = random_qk(0, ROT_POSITIONS.shape[1], ROT['head_dim'])
+  rotary_dim = int(ROT['head_dim'] * fraction)
+  inv_freq, scale = reference_inv_freq(
+      rotary_dim, ROT['base'], scaling, ROT['factor'], ROT['original'],
+      int(ROT_POSITIONS.max()) + 1, *ROT['betas'])
+  want = reference_rotary_scores(q, k, ROT_POSITIONS, ROT_POSITIONS, inv_freq, scale)
+  got = rotated_scores(cfg, q, k, ROT_POSITIONS)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-3)
+  if scaling == 'yarn':                   # the scale is really there, squared, not just close to 1
+    assert scale ** 2 > 1.2
+
+
+@pytest.mark.parametrize('fraction', [0.5, 1.0])
+@pytest.mark.parametrize('seq_len', [100, 512, 513, 4096])
+def test_rotate_dynamic_ntk_at_a_traced_length_below_and_above_the_original(seq_len, fraction):
+  """Below (and at) the original length dynamic NTK is plain RoPE; past it the base grows with the
+  length reached (Hugging Face ``dynamic``: α = factor·L/L₀ − (factor − 1), L = max(L, L₀))."""
+  cfg = rotary_config('dynamic_ntk', fraction)
+  q, k = random_qk(1, ROT_POSITIONS.shape[1], ROT['head_dim'])
+  rotary_dim = int(ROT['head_dim'] * fraction)
+  inv_freq, _ = reference_inv_freq(rotary_dim, ROT['base'], 'dynamic_ntk', ROT['factor'],
+                                   ROT['original'], seq_len, *ROT['betas'])
+  want = reference_rotary_scores(q, k, ROT_POSITIONS, ROT_POSITIONS, inv_freq)
+  got = rotated_scores(cfg, q, k, ROT_POSITIONS, jnp.asarray(seq_len, jnp.int32))
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-3)
+  plain, _ = reference_inv_freq(rotary_dim, ROT['base'], 'none', 1.0, 0, 0, *ROT['betas'])
+  assert np.array_equal(inv_freq, plain) == (seq_len <= ROT['original'])
+
+
+def test_rotate_dynamic_ntk_length_defaults_to_the_largest_key_position_plus_one():
+  """Hugging Face takes the length from the positions, max(position_ids) + 1: keys at 0…9 with an
+  original length of 8 give α = 3·10/8 − 2 = 1.75 (one less would give 1.375)."""
+  cfg = dataclasses.replace(rotary_config('dynamic_ntk', 1.0), rope_original_length=8)
+  positions = np.arange(10)[None]
+  q, k = random_qk(3, 10, ROT['head_dim'])
+  inv_freq, _ = reference_inv_freq(ROT['head_dim'], ROT['base'], 'dynamic_ntk', ROT['factor'], 8,
+                                   10, *ROT['betas'])
+  want = reference_rotary_scores(q, k, positions, positions, inv_freq)
+  np.testing.assert_allclose(rotated_scores(cfg, q, k, positions), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('fraction', [0.5, 1.0])
+def test_rotate_xpos_with_non_default_gamma_scale_base_and_base(fraction):
+  """xPos scores Σ_i ζ_i^((n−m)/scale_base)·(RoPE pair term), ζ_i = (2i/R + γ)/(1 + γ), for
+  γ = 0.25, scale base 96, RoPE base 5000, over the causal pairs (m ≤ n) xPos is used for."""
+  cfg = dataclasses.replace(rotary_config('none', fraction, pos='xpos'), xpos_gamma=0.25,
+                            xpos_scale_base=96.0)
+  positions = np.array([[0, 3, 40, 90, 150, 151, 300]])
+  q, k = random_qk(2, positions.shape[1], ROT['head_dim'])
+  r = int(ROT['head_dim'] * fraction)
+  inv_freq = ROT['base'] ** (-np.arange(0, r, 2) / r)
+  zeta = (np.arange(0, r, 2) / r + 0.25) / 1.25
+  want = reference_rotary_scores(q, k, positions, positions, inv_freq, zeta=zeta, scale_base=96.0)
+  causal = positions[0][:, None] >= positions[0][None, :]
+  got = rotated_scores(cfg, q, k, positions)
+  np.testing.assert_allclose(np.where(causal, got, 0), np.where(causal, want, 0), rtol=1e-4,
+                             atol=1e-4)
 
 
 def test_xpos_zeta_formula():

@@ -47,6 +47,7 @@ def records(workdir):
 
 
 def test_sigterm_then_rerun_ends_with_the_metrics_of_an_uninterrupted_run(tmp_path, env, data_dir):
+  """An invariant is the only reference here: preempted and resumed equals uninterrupted."""
   whole = run(command(tmp_path / 'whole', data_dir, *LONG), env)
   assert whole.returncode == 0, whole.stderr[-3000:]
 

@@ -73,6 +73,8 @@ def test_a_dimension_the_mesh_does_not_divide_is_replicated():
 
 
 def test_sharded_step_equals_single_device_step():
+  """An invariant is the only reference here: a step sharded over a (2, 2, 2) mesh of 8 devices
+  gives the single-device step's loss, gradient norm and parameters."""
   cfg = tiny_config()
   sharded = step.make_trainer(cfg)
   single_cfg = tiny_config(shape=(1, 1, 1))

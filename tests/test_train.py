@@ -132,6 +132,8 @@ def _dot_ranks(jaxpr) -> list[tuple[int, int]]:
 
 @pytest.mark.parametrize('tied', [True, False])
 def test_two_d_matmul_layout_keeps_loss_and_gradients(tied):
+  """An invariant: the 2-D matmul layout reshapes the dense layers' products, so gradients equal
+  those of the 3-D layout; and it really removed every [B, T, D] × [D, F] product."""
   cfg = C.ModelConfig(vocab_size=64, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
                       scan_layers=True, remat=True, tie_embeddings=tied)
   model = step.TransformerLM(cfg)
@@ -228,6 +230,7 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path):
 
 
 def test_finished_run_reevaluates_without_training(tmp_path):
+  """An invariant: rerunning a finished run trains nothing and evaluates the same parameters."""
   cfg = loop_config()
   first = train.train(cfg, str(tmp_path), array_data(cfg))
   lines = (tmp_path / 'metrics.jsonl').read_text()
@@ -280,6 +283,8 @@ def _free_port() -> int:
 
 
 def test_two_processes_give_the_losses_of_one(tmp_path):
+  """An invariant is the only reference here: two processes of 4 devices each, reading their own
+  shards, log the losses of one process of 8 devices that reads both shards."""
   overrides = ['mesh.shape=(2,2,2)', f'data.data_dir={tmp_path / "data"}', 'train.steps=4',
                'train.log_every=1', 'train.eval_every=2', 'train.checkpoint_every=0',
                'train.tensorboard=false']
