@@ -47,7 +47,7 @@ def test_tpu_preset_has_about_125m_parameters():
 
 
 @pytest.mark.parametrize('top, message', [
-    ({'sed': 1}, 'config field sed does not exist; top-level fields are: data, eval, mesh, model'),
+    ({'sed': 1}, 'config field sed does not exist; top-level fields are: data, decode, eval, mesh'),
     ({'train': {'stpes': 1}}, 'config field train.stpes does not exist'),
     ({'mesh': {'shape': (-1, -1, 1)}}, 'at most one size may be -1'),
     ({'mesh': {'shape': (2, 2)}}, r'mesh.shape=\(2, 2\) is invalid: needs one size per axis'),
