@@ -79,6 +79,14 @@ class Stepper:
 
   Cached: the state is the ``cache`` collection. Uncached (``use_cache=False``): the state is the
   [B, P + N] token buffer, and each step runs the full model over it.
+
+  The loops (:func:`decode_loop`, ``lcr.decode.beam.search_loop``) need only this protocol, so
+  other models decode through them with a stepper of their own: ``prefill_len`` (prompt tokens
+  the prefill takes), ``prefill(params, prompt [B, P], lengths [B]) → (logits [B, V], state)``
+  and ``step(params, state, tokens [B], positions [B]) → (logits [B, V], state)``. ``params`` is
+  passed through untouched (an encoder-decoder can pass its source in it), and every leaf of
+  ``state`` has the batch first, or is an ``nn.Partitioned`` whose names say where 'batch' is
+  (beam search reorders beams along it).
   """
 
   def __init__(self, cfg: ModelConfig, decode: DecodeConfig, prompt_len: int):
