@@ -82,7 +82,8 @@ def smoke() -> ml_collections.ConfigDict:
   config.model.update(num_layers=1, d_model=32, num_heads=2)
   config.train.update(steps=4, batch_size=8, seq_len=48, warmup_steps=1, log_every=2)
   config.eval.update(multipliers=(1, 2), max_tokens=256, rope_scalings=('none', 'yarn'),
-                     passkey=True, passkey_trials=2, passkey_depths=(0.0, 1.0), passkey_lengths=(64,))
+                     passkey=True, passkey_trials=2, passkey_depths=(0.0, 1.0), passkey_lengths=(64,),
+                     passkey_modes=('teacher_forced', 'generate'))
   config.study.update(variants='rope,learned', parallel=1, passkey_mix=0.25)
   return config
 

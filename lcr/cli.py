@@ -49,12 +49,12 @@ def flags_parser(program: str, overrides: list[str]) -> Callable[[list[str]], li
 
 
 def start(program: str, argv: Sequence[str], *, config: str | None, workdir: str | None,
-          config_help: str) -> None:
-  """Checks an entry point's arguments (``--config`` and ``--workdir`` are required; nothing else
-  positional) and sets up the progress log."""
+          config_help: str, config_required: bool = True) -> None:
+  """Checks an entry point's arguments (``--workdir`` and, unless not ``config_required``,
+  ``--config`` are required; nothing else positional) and sets up the progress log."""
   if len(argv) > 1:
     exit_with(program, f'unexpected arguments {list(argv[1:])}')
-  if not config or not workdir:
+  if not workdir or (config_required and not config):
     exit_with(program, f'--config={config_help} and --workdir=DIR are required')
   std_logging.getLogger('absl').addFilter(QuietLibraries())
   logging.set_verbosity(logging.INFO)

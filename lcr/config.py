@@ -257,6 +257,7 @@ def model_config(cfg: Mapping[str, Any] | None) -> ModelConfig:
 
 
 EVAL_PROTOCOLS = ('nonoverlapping', 'sliding')
+PASSKEY_MODES = ('teacher_forced', 'generate')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,6 +284,9 @@ class EvalConfig:
   passkey_trials: int = 20
   passkey_format: str = 'mj'             # 'mj' (Mohtashami & Jaggi's prompt) | 'compact' (43 tokens)
   passkey_lengths: tuple[int, ...] = ()  # () = the evaluation lengths
+  # 'teacher_forced' (argmax of every answer token given the true prefix) and/or 'generate' (the
+  # key greedily generated with the KV cache, exact match).
+  passkey_modes: tuple[str, ...] = ('teacher_forced',)
 
   def __post_init__(self):
     for i, length in enumerate(self.lengths):
@@ -307,9 +311,51 @@ class EvalConfig:
     check_choice('eval.passkey_format', self.passkey_format, ('mj', 'compact'))
     for i, length in enumerate(self.passkey_lengths):
       check_positive(f'eval.passkey_lengths[{i}]', length)
+    if not self.passkey_modes:
+      fail('eval.passkey_modes', self.passkey_modes, "name at least one of 'teacher_forced', 'generate'")
+    for mode in self.passkey_modes:
+      check_choice('eval.passkey_modes', mode, PASSKEY_MODES)
 
   def eval_lengths(self, train_len: int) -> tuple[int, ...]:
     return self.lengths or tuple(train_len * m for m in self.multipliers)
+
+
+DECODE_STRATEGIES = ('greedy', 'sample', 'beam')
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+  """Generation (lcr.decode): strategy, its knobs, and when to stop."""
+  strategy: str = 'greedy'         # greedy | sample | beam
+  temperature: float = 1.0         # sample: logits / temperature (applied first)
+  top_k: int = 0                   # sample: keep the k most likely tokens (0 = off)
+  top_p: float = 1.0               # sample: nucleus mass, in (0, 1] (1 = off), Holtzman et al. 2020
+  min_tokens_to_keep: int = 1      # sample: top-k and top-p keep at least this many tokens
+  num_beams: int = 4               # beam: beams per prompt; the n best hypotheses are returned
+  length_penalty: float = 0.6      # beam: GNMT α in ((5 + |Y|) / 6)^α (Wu et al. 2016 eq. 14)
+  max_new_tokens: int = 64
+  seed: int = 0                    # sample: the same seed gives the same text on any device count
+  stop: tuple[str, ...] = ()       # generation of a row ends after any of these strings
+  use_cache: bool = True           # False: a full forward per step (the reference for debugging)
+  # Dynamic NTK only: cache keys after rotation, each with the base of the step it was made at
+  # (Hugging Face generate's cache; it drifts from the full forward, transformers issue 25104).
+  rotated_key_cache: bool = False
+
+  def __post_init__(self):
+    check_choice('decode.strategy', self.strategy, DECODE_STRATEGIES)
+    check_positive('decode.temperature', self.temperature)
+    if self.top_k < 0:
+      fail('decode.top_k', self.top_k, 'must be >= 0 (0 = off)')
+    if not 0.0 < self.top_p <= 1.0:
+      fail('decode.top_p', self.top_p, 'must be in (0, 1] (1 = off)')
+    if self.min_tokens_to_keep < 1:
+      fail('decode.min_tokens_to_keep', self.min_tokens_to_keep, 'must be >= 1')
+    if self.num_beams < 1:
+      fail('decode.num_beams', self.num_beams, 'must be >= 1')
+    check_positive('decode.max_new_tokens', self.max_new_tokens)
+    for stop in self.stop:
+      if not isinstance(stop, str) or not stop:
+        fail('decode.stop', self.stop, 'expected non-empty strings')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -424,6 +470,7 @@ class Config:
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
   eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+  decode: DecodeConfig = dataclasses.field(default_factory=DecodeConfig)
 
   def __post_init__(self):
     if not isinstance(self.seed, int) or isinstance(self.seed, bool):
@@ -439,7 +486,8 @@ def _data_config(values: Mapping[str, Any] | None):
 _SECTIONS = {'model': model_config, 'data': _data_config,
              'train': lambda v: from_mapping(TrainConfig, v, 'train'),
              'eval': lambda v: from_mapping(EvalConfig, v, 'eval'),
-             'mesh': lambda v: from_mapping(MeshConfig, v, 'mesh')}
+             'mesh': lambda v: from_mapping(MeshConfig, v, 'mesh'),
+             'decode': lambda v: from_mapping(DecodeConfig, v, 'decode')}
 
 
 def from_config_dict(config_dict: Mapping[str, Any]) -> Config:

@@ -311,16 +311,23 @@ class Evaluator:
           jitted=self._compiled[cfg])
     return self._done[key]
 
-  def passkey(self, scaling: str, length: int, tokenizer: Any,
-              bos_id: int | None = None) -> list[dict[str, Any]]:
-    """Passkey records (one per depth) at context ``length`` under RoPE ``scaling``."""
+  def passkey(self, scaling: str, length: int, tokenizer: Any, bos_id: int | None = None,
+              mode: str = 'teacher_forced') -> list[dict[str, Any]]:
+    """Passkey records (one per depth) at context ``length`` under RoPE ``scaling``.
+
+    ``mode='generate'`` generates the key with the KV cache at the true positions (a learned table
+    is read past L: the study sizes it to the longest length).
+    """
     ec = self.eval_cfg
     cfg = self.config(scaling, length)
+    common = dict(length=length, depths=ec.passkey_depths, trials=ec.passkey_trials,
+                  fmt=ec.passkey_format, bos_id=bos_id,
+                  batch_size=windows_per_batch(ec.batch_size, self.train_len, length))
+    if mode == 'generate':
+      return passkey_lib.passkey_generation_accuracy(self.params, cfg, tokenizer, **common)
     return passkey_lib.passkey_accuracy(
-        self.apply_fn(cfg), tokenizer, length=length, depths=ec.passkey_depths,
-        trials=ec.passkey_trials, fmt=ec.passkey_format, bos_id=bos_id,
-        batch_size=windows_per_batch(ec.batch_size, self.train_len, length),
-        max_position=learned_position_limit(self.model_cfg, ec, self.train_len, length))
+        self.apply_fn(cfg), tokenizer,
+        max_position=learned_position_limit(self.model_cfg, ec, self.train_len, length), **common)
 
   def task_fields(self, task: Task) -> dict[str, Any]:
     """The fields of a results.jsonl row that describe ``task`` (without the study's labels)."""

@@ -13,14 +13,23 @@ import jax
 import jax.numpy as jnp
 
 from lcr import attention, layers, positional
+from lcr.attention import configured
 from lcr.config import ModelConfig
+from lcr.decode import cache as cache_lib
+from lcr.decode import layer_cache
+from lcr.decode.cache import CacheLayout
 
 EMBED_AXES = ('batch', 'length', 'embed')
 
 
 class Attention(nn.Module):
-  """Self-attention with the configured positional encoding, GQA, pattern and backend."""
+  """Self-attention with the configured positional encoding, GQA, pattern and backend.
+
+  With a ``cache`` layout it attends over its KV cache and the new tokens and updates the cache
+  (lcr.decode.layer_cache); ``segments`` then mark real tokens (> 0) and padding (0).
+  """
   cfg: ModelConfig
+  cache: CacheLayout | None = None
 
   def _project(self, x, heads: int, axes: tuple[str, ...], name: str) -> jax.Array:
     cfg = self.cfg
@@ -40,36 +49,16 @@ class Attention(nn.Module):
     return layers.projection(cfg, (cfg.d_model,), ('heads', 'kv', 'embed'), 'out', contract=2)(out)
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, segments_BxT, pos_table) -> jax.Array:
+  def __call__(self, x_BxTxD, positions_BxT, segments_BxT, pos_table, *,
+               fresh_cache: bool = False) -> jax.Array:
     cfg = self.cfg
     q, k, v = self._qkv(x_BxTxD, x_BxTxD)
-    bias_fn = positional.bias_fn(cfg, pos_table)
-    mask = attention.mask_from_config(cfg)
-
-    def attend(q_blk, k_blk, v_blk, q_pos, k_pos, q_seg, k_seg, seq_len=None):
-      if positional.kind(cfg) == 'rotary':
-        q_blk, k_blk = positional.rotate(cfg, q_blk, k_blk, q_pos, k_pos, seq_len=seq_len)
-      return attention.attend(
-          q_blk, k_blk, v_blk, q_pos=q_pos, k_pos=k_pos, q_segments=q_seg, k_segments=k_seg,
-          bias_fn=bias_fn, mask=mask, chunk=cfg.attention_chunk,
-          length_scale_base=cfg.length_scale_base if cfg.length_scaled_logits else 0,
-          backend=cfg.attention_backend)
-
-    t = x_BxTxD.shape[1]
-    block = cfg.rope_original_length
-    if cfg.rope_scaling == 'dynamic_ntk' and t > block:
-      # Dynamic NTK as in generation: queries in [s, e) use the base computed from the length
-      # reached at e, and see keys rotated with that same base (one base per window would be
-      # static NTK with α = T/L).
-      outs = []
-      for s in range(0, t, block):
-        e = min(s + block, t)
-        outs.append(attend(q[:, s:e], k[:, :e], v[:, :e], positions_BxT[:, s:e],
-                           positions_BxT[:, :e], segments_BxT[:, s:e], segments_BxT[:, :e],
-                           seq_len=jnp.max(positions_BxT[:, s:e]) + 1))
-      out = jnp.concatenate(outs, axis=1)
+    if self.cache is not None:
+      out = layer_cache.CachedAttention(cfg, self.cache, name='cache')(
+          q, k, v, positions_BxT, segments_BxT, pos_table, fresh=fresh_cache)
     else:
-      out = attend(q, k, v, positions_BxT, positions_BxT, segments_BxT, segments_BxT)
+      out = configured.attend(cfg, q, k, v, positions_BxT, positions_BxT, segments_BxT, segments_BxT,
+                   positional.bias_fn(cfg, pos_table))
     return self._output(out)
 
 
@@ -97,16 +86,23 @@ class CrossAttention(Attention):
 
 
 class Block(nn.Module):
-  """One Transformer layer: pre-norm x + f(norm(x)) or post-norm norm(x + f(x)) (Xiong et al. 2020)."""
+  """One Transformer layer: pre-norm x + f(norm(x)) or post-norm norm(x + f(x)) (Xiong et al. 2020).
+
+  ``cache``/``fresh_cache``: decode with a KV cache of that layout (see :class:`Attention`).
+  """
   cfg: ModelConfig
   deterministic: bool = True
+  cache: CacheLayout | None = None
+  fresh_cache: bool = False
 
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT, segments_BxT, pos_table):
     cfg = self.cfg
     drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
+    attend = Attention(cfg, self.cache, name='attention')
     sublayers = (
-        ('attn', lambda h: Attention(cfg, name='attention')(h, positions_BxT, segments_BxT, pos_table)),
+        ('attn', lambda h: attend(h, positions_BxT, segments_BxT, pos_table,
+                                  fresh_cache=self.fresh_cache)),
         ('ffn', lambda h: layers.FFNS[cfg.ffn](cfg, name='ffn')(h)),
     )
     x = x_BxTxD
@@ -120,18 +116,28 @@ class Block(nn.Module):
 
 
 class TransformerLM(nn.Module):
-  """Decoder-only LM: (tokens, positions, segment_ids) [B, T] → logits [B, T, V] in float32."""
+  """Decoder-only LM: (tokens, positions, segment_ids) [B, T] → logits [B, T, V] in float32.
+
+  With a ``cache`` layout (lcr.decode) every attention layer keeps a KV cache in the ``cache``
+  collection (apply with ``mutable=['cache']``): the tokens given are appended to what the cache
+  holds, ``segment_ids`` mark real tokens (> 0) and padding (0), ``fresh_cache`` starts from an
+  empty cache (a prefill), and ``logits_index`` [B] returns only the logits at that index of each
+  row ([B, 1, V]). Under StreamingLLM's renumbering, absolute encodings embed each new token at
+  its position within the cache.
+  """
   cfg: ModelConfig
+  cache: CacheLayout | None = None
 
   @nn.compact
   def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None,
-               segment_ids_BxT: jax.Array | None = None, *, deterministic: bool = True) -> jax.Array:
+               segment_ids_BxT: jax.Array | None = None, *, deterministic: bool = True,
+               fresh_cache: bool = False, logits_index: jax.Array | None = None) -> jax.Array:
     cfg = self.cfg
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
     if segment_ids_BxT is None:
       segment_ids_BxT = jnp.ones_like(tokens_BxT)
-    if positional.kind(cfg) == 'absolute':
+    if positional.kind(cfg) == 'absolute' and self.cache is None:
       cfg.check_length(tokens_BxT.shape[1], 'input length')
     concat = positional.kind(cfg) == 'absolute' and cfg.pos_combine == 'concat'
     token_dim = cfg.d_model - cfg.concat_pos_dim if concat else cfg.d_model
@@ -149,7 +155,8 @@ class TransformerLM(nn.Module):
     x = x * jnp.asarray(token_dim ** 0.5, jnp.dtype(cfg.dtype))
     if positional.kind(cfg) == 'absolute':
       pos_dim = cfg.concat_pos_dim if concat else cfg.d_model
-      pos = positional.AbsoluteEmbedding(cfg, pos_dim, name='absolute_position')(positions_BxT)
+      pos = positional.AbsoluteEmbedding(cfg, pos_dim, name='absolute_position')(
+          self._embedded_positions(positions_BxT, segment_ids_BxT))
       pos = pos.astype(x.dtype)
       x = jnp.concatenate([x, pos], axis=-1) if concat else x + pos
     x = nn.with_logical_constraint(x, EMBED_AXES)
@@ -157,16 +164,20 @@ class TransformerLM(nn.Module):
     pos_table = positional.T5Table(cfg, name='t5_bias')() if cfg.pos == 't5' else None
 
     block = Block
-    if cfg.remat:
+    if cfg.remat and self.cache is None:
       block = nn.remat(block, prevent_cse=not cfg.scan_layers)
+    block_args = (cfg, deterministic, self.cache, fresh_cache)
     if cfg.scan_layers:
-      x, _ = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+      x, _ = nn.scan(block, variable_axes={'params': 0, 'cache': 0},
+                     split_rngs={'params': True, 'dropout': True},
                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
                      metadata_params={nn.PARTITION_NAME: 'layers'})(
-                         cfg, deterministic, name='layers')(x, positions_BxT, segment_ids_BxT, pos_table)
+                         *block_args, name='layers')(x, positions_BxT, segment_ids_BxT, pos_table)
     else:
       for i in range(cfg.num_layers):
-        x, _ = block(cfg, deterministic, name=f'layer_{i}')(x, positions_BxT, segment_ids_BxT, pos_table)
+        x, _ = block(*block_args, name=f'layer_{i}')(x, positions_BxT, segment_ids_BxT, pos_table)
+    if logits_index is not None:   # [B] → the hidden state at that index of each row, [B, 1, D]
+      x = jnp.take_along_axis(x, jnp.asarray(logits_index)[:, None, None], axis=1)
     if cfg.norm_placement == 'pre':
       x = layers.norm(cfg, 'final_norm')(x)
 
@@ -175,3 +186,10 @@ class TransformerLM(nn.Module):
     else:
       logits = layers.dense(cfg, cfg.vocab_size, ('embed', 'vocab'), 'output')(x)
     return nn.with_logical_constraint(logits.astype(jnp.float32), ('batch', 'length', 'vocab'))
+
+  def _embedded_positions(self, positions_BxT: jax.Array, segment_ids_BxT: jax.Array) -> jax.Array:
+    """The positions absolute encodings embed: StreamingLLM's cache positions when it renumbers."""
+    if self.cache is None or not self.cache.renumber:
+      return positions_BxT
+    last = jnp.max(jnp.where(segment_ids_BxT > 0, positions_BxT, -1), axis=1)
+    return cache_lib.renumber(self.cache, positions_BxT, last)

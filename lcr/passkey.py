@@ -1,9 +1,9 @@
 """Passkey retrieval (Mohtashami & Jaggi 2023, "Landmark Attention", §4.2 and appendix prompt).
 
 A 5-digit key hidden at a controlled depth in repeated filler text; after the filler the model is
-asked for it. Scoring is teacher-forced: an example is correct when every answer token is the
-model's argmax given the correct prefix (for byte-level tokens: five digit checks), so no sampling
-is involved. ``mix_passkey`` replaces a fraction of training rows with such examples at the training
+asked for it. Two scorings: teacher-forced (an example is correct when every answer token is the
+model's argmax given the correct prefix; for byte-level tokens, five digit checks) and by
+generation (the key greedily generated with the KV cache must equal it exactly); neither samples. ``mix_passkey`` replaces a fraction of training rows with such examples at the training
 length, so a small model learns the task there and "test long" measures extrapolation rather than
 ignorance of the task.
 """
@@ -143,14 +143,32 @@ def score_examples(apply_fn: ApplyFn, examples: Sequence[PasskeyExample], *, bat
   return correct, digits
 
 
-def passkey_accuracy(apply_fn: ApplyFn, tokenizer: Tokenizer, *, length: int,
-                     depths: Sequence[float], trials: int, seed: int = 0, fmt: str = 'mj',
-                     bos_id: int | None = None, batch_size: int = 8,
-                     max_position: int | None = None) -> list[dict[str, Any]]:
+def generate_keys(params: Any, model_cfg: Any, examples: Sequence[PasskeyExample], *,
+                  batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+  """Retrieval by generation → (correct [n]: the greedily generated answer equals the key's
+  tokens exactly, answer tokens matched position by position [n]).
+
+  Each prompt is the example up to its answer; greedy decoding with the KV cache (lcr.decode)
+  produces exactly as many tokens as the answer has.
+  """
+  from lcr.config import DecodeConfig
+  from lcr.decode import engine   # decoding is only needed for this mode
+  answer_len = len(examples[0].tokens) - examples[0].answer_start
+  decode = DecodeConfig(strategy='greedy', max_new_tokens=answer_len)
+  correct, digits = [], []
+  for i in range(0, len(examples), batch_size):
+    batch = examples[i:i + batch_size]
+    out = engine.generate(params, model_cfg, decode, [e.tokens[:e.answer_start] for e in batch])
+    answers = np.stack([e.tokens[e.answer_start:] for e in batch])
+    hits = out.tokens[:, :answer_len] == answers
+    correct.append(np.all(hits, axis=1))
+    digits.append(np.sum(hits, axis=1))
+  return np.concatenate(correct), np.concatenate(digits)
+
+
+def accuracy_records(examples: Sequence[PasskeyExample], depths: Sequence[float], trials: int,
+                     correct: np.ndarray, digits: np.ndarray) -> list[dict[str, Any]]:
   """One record per depth: depth, trials, correct, accuracy, digit_accuracy."""
-  examples = make_examples(tokenizer, length, depths, trials, seed, fmt, bos_id)
-  correct, digits = score_examples(apply_fn, examples, batch_size=batch_size,
-                                   max_position=max_position)
   answer_len = len(examples[0].tokens) - examples[0].answer_start
   out = []
   for i, depth in enumerate(depths):
@@ -158,6 +176,27 @@ def passkey_accuracy(apply_fn: ApplyFn, tokenizer: Tokenizer, *, length: int,
     out.append(dict(depth=float(depth), trials=trials, correct=int(c.sum()),
                     accuracy=float(c.mean()), digit_accuracy=float(d.sum() / (answer_len * trials))))
   return out
+
+
+def passkey_accuracy(apply_fn: ApplyFn, tokenizer: Tokenizer, *, length: int,
+                     depths: Sequence[float], trials: int, seed: int = 0, fmt: str = 'mj',
+                     bos_id: int | None = None, batch_size: int = 8,
+                     max_position: int | None = None) -> list[dict[str, Any]]:
+  """Teacher-forced records, one per depth (see :func:`accuracy_records`)."""
+  examples = make_examples(tokenizer, length, depths, trials, seed, fmt, bos_id)
+  correct, digits = score_examples(apply_fn, examples, batch_size=batch_size,
+                                   max_position=max_position)
+  return accuracy_records(examples, depths, trials, correct, digits)
+
+
+def passkey_generation_accuracy(params: Any, model_cfg: Any, tokenizer: Tokenizer, *, length: int,
+                                depths: Sequence[float], trials: int, seed: int = 0,
+                                fmt: str = 'mj', bos_id: int | None = None,
+                                batch_size: int = 8) -> list[dict[str, Any]]:
+  """Records by generation, one per depth, on the same examples as :func:`passkey_accuracy`."""
+  examples = make_examples(tokenizer, length, depths, trials, seed, fmt, bos_id)
+  correct, digits = generate_keys(params, model_cfg, examples, batch_size=batch_size)
+  return accuracy_records(examples, depths, trials, correct, digits)
 
 
 def mix_passkey(tokens_BxT: np.ndarray, rng: np.random.Generator, fraction: float,

@@ -147,29 +147,50 @@ def rope_inv_freq(head_dim: int, *, base: float = 10000.0, scaling: str = 'none'
   raise ValueError(f'unknown rope scaling {scaling!r}')
 
 
-def _dynamic_inv_freq(cfg: ModelConfig, seq_len: jax.Array) -> jax.Array:
-  """``rope_inv_freq(scaling='dynamic_ntk')`` with a traced current length."""
+def dynamic_inv_freq(cfg: ModelConfig, seq_len: jax.Array) -> jax.Array:
+  """``rope_inv_freq(scaling='dynamic_ntk')`` with traced current lengths: [..., R/2] for seq_len [...]."""
   dim = cfg.rotary_dim
-  alpha = dynamic_ntk_alpha(cfg.rope_factor, seq_len.astype(jnp.float32), cfg.rope_original_length)
+  alpha = dynamic_ntk_alpha(cfg.rope_factor, jnp.asarray(seq_len).astype(jnp.float32),
+                            cfg.rope_original_length)
+  base = (cfg.rope_base * alpha ** (dim / (dim - 2)))[..., None]
   exponents = jnp.arange(0, dim, 2, dtype=jnp.float32) / dim
-  return 1.0 / (cfg.rope_base * alpha ** (dim / (dim - 2))) ** exponents
+  return 1.0 / base ** exponents.reshape((1,) * (base.ndim - 1) + (-1,))
 
 
-def rotate_half(x: jax.Array, positions: jax.Array, inv_freq, scale: jax.Array | float = 1.0):
-  """RoFormer eq. 34 in the rotate-half layout: x·cos(pθ) + rot(x)·sin(pθ), first dims only.
+def rotate_by(x: jax.Array, angles: jax.Array, scale: jax.Array | float = 1.0) -> jax.Array:
+  """RoFormer eq. 34 in the rotate-half layout for given angles: x·cos(a) + rot(x)·sin(a).
 
-  x: [B, T, N, D]; positions: [B, T]; inv_freq: [R/2] with R ≤ D the rotated width; ``scale``
-  multiplies the rotated part ([R/2] or scalar). Computed in float32, returned in x's dtype.
+  x: [..., D]; angles: [..., R/2] broadcastable against x's leading dims, R ≤ D the rotated width
+  (the first R dims rotate, the rest pass through); ``scale`` multiplies the rotated part.
+  Computed in float32, returned in x's dtype.
   """
-  rot = 2 * inv_freq.shape[-1]
+  rot = 2 * angles.shape[-1]
   xf = x.astype(jnp.float32)
   x_rot, x_pass = xf[..., :rot], xf[..., rot:]
-  inv_freq = jnp.asarray(inv_freq, jnp.float32).reshape(1, 1, 1, -1)
-  angles = positions.astype(jnp.float32)[:, :, None, None] * inv_freq   # [B, T, 1, R/2]
   cos, sin = jnp.cos(angles) * scale, jnp.sin(angles) * scale
   x1, x2 = x_rot[..., :rot // 2], x_rot[..., rot // 2:]
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  x_pass = jnp.broadcast_to(x_pass, rotated.shape[:-1] + x_pass.shape[-1:])
   return jnp.concatenate([rotated, x_pass], axis=-1).astype(x.dtype)
+
+
+def _per_token(values_BxT: jax.Array, heads_first: bool) -> jax.Array:
+  """[B, T] → [B, T, 1, 1] for [B, T, N, D] arrays, or [B, 1, T, 1] for heads-first [B, N, T, D]."""
+  return values_BxT[:, None, :, None] if heads_first else values_BxT[:, :, None, None]
+
+
+def rotate_half(x: jax.Array, positions: jax.Array, inv_freq, scale: jax.Array | float = 1.0, *,
+                heads_first: bool = False):
+  """RoFormer eq. 34 in the rotate-half layout: x·cos(pθ) + rot(x)·sin(pθ), first dims only.
+
+  x: [B, T, N, D] (or [B, N, T, D] with ``heads_first``); positions: [B, T]; inv_freq: [R/2], or
+  [B, R/2] (one set per row), with R ≤ D the rotated width; ``scale`` multiplies the rotated part
+  (broadcastable to [B, T, 1, R/2] in x's layout, or a scalar).
+  """
+  inv_freq = jnp.asarray(inv_freq, jnp.float32)
+  inv_freq = inv_freq[:, None, None, :] if inv_freq.ndim == 2 else inv_freq.reshape(1, 1, 1, -1)
+  angles = _per_token(positions.astype(jnp.float32), heads_first) * inv_freq
+  return rotate_by(x, angles, scale)
 
 
 def xpos_zeta(head_dim: int, gamma: float = 0.4) -> np.ndarray:
@@ -177,7 +198,8 @@ def xpos_zeta(head_dim: int, gamma: float = 0.4) -> np.ndarray:
   return (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim + gamma) / (1 + gamma)
 
 
-def _xpos_scale(cfg: ModelConfig, positions: jax.Array, centre: jax.Array, sign: float):
+def _xpos_scale(cfg: ModelConfig, positions: jax.Array, centre: jax.Array, sign: float,
+                heads_first: bool = False):
   """ζ^(±(n − c)/scale_base) as exp(± (n − c)/scale_base · ln ζ), [B, T, 1, D/2], float32.
 
   Centring positions on c (any constant shared by q and k cancels in q·k) keeps the exponent within
@@ -185,30 +207,35 @@ def _xpos_scale(cfg: ModelConfig, positions: jax.Array, centre: jax.Array, sign:
   """
   log_zeta = jnp.log(jnp.asarray(xpos_zeta(cfg.rotary_dim, cfg.xpos_gamma), jnp.float32))
   log_zeta = log_zeta.reshape(1, 1, 1, -1)
-  n = (positions - centre).astype(jnp.float32)[:, :, None, None] / cfg.xpos_scale_base
+  n = _per_token((positions - centre).astype(jnp.float32), heads_first) / cfg.xpos_scale_base
   return jnp.exp(sign * n * log_zeta)
 
 
 def rotate(cfg: ModelConfig, q: jax.Array, k: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
-           *, seq_len: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """Applies RoPE (with ``cfg.rope_scaling``) or xPos to q [B,Tq,H,D] and k [B,Tk,K,D].
+           *, seq_len: jax.Array | None = None,
+           k_heads_first: bool = False) -> tuple[jax.Array, jax.Array]:
+  """Applies RoPE (with ``cfg.rope_scaling``) or xPos to q [B,Tq,H,D] and k [B,Tk,K,D] (or
+  [B,K,Tk,D] with ``k_heads_first``, the layout of the KV cache).
 
-  ``seq_len`` is the current length that dynamic NTK computes its base from (default: the
-  largest key position + 1).
+  ``seq_len`` is the current length that dynamic NTK computes its base from: a scalar, or [B] for
+  one base per row (default: the largest key position + 1). The exact per-query form of dynamic
+  NTK, which the model uses, is :func:`lcr.attention.per_query_rope.attention`.
   """
   if cfg.pos == 'xpos':
     inv_freq, _ = rope_inv_freq(cfg.rotary_dim, base=cfg.rope_base)
     centre = jnp.max(k_pos) // 2
     return (rotate_half(q, q_pos, inv_freq, _xpos_scale(cfg, q_pos, centre, +1.0)),
-            rotate_half(k, k_pos, inv_freq, _xpos_scale(cfg, k_pos, centre, -1.0)))
+            rotate_half(k, k_pos, inv_freq, _xpos_scale(cfg, k_pos, centre, -1.0, k_heads_first),
+                        heads_first=k_heads_first))
   if cfg.rope_scaling == 'dynamic_ntk':
-    inv_freq, scale = _dynamic_inv_freq(cfg, jnp.max(k_pos) + 1 if seq_len is None else seq_len), 1.0
+    inv_freq, scale = dynamic_inv_freq(cfg, jnp.max(k_pos) + 1 if seq_len is None else seq_len), 1.0
   else:
     inv_freq, scale = rope_inv_freq(
         cfg.rotary_dim, base=cfg.rope_base, scaling=cfg.rope_scaling, factor=cfg.rope_factor,
         original_length=cfg.rope_original_length or None, beta_fast=cfg.yarn_beta_fast,
         beta_slow=cfg.yarn_beta_slow)
-  return rotate_half(q, q_pos, inv_freq, scale), rotate_half(k, k_pos, inv_freq, scale)
+  return (rotate_half(q, q_pos, inv_freq, scale),
+          rotate_half(k, k_pos, inv_freq, scale, heads_first=k_heads_first))
 
 
 # ----------------------------------------------------------------------------------------------

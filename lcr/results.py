@@ -6,7 +6,7 @@
   learned_positions (the policy for a learned table past train_len, null for other encodings).
 ``per_position.jsonl``: the same key fields plus ``loss`` and ``count``, lists over window positions.
 ``passkey.jsonl``: variant, pos, seed, rope_scaling, rope_factor, train_len, eval_len, depth, format,
-  trials, correct, accuracy, digit_accuracy.
+  mode ('teacher_forced' or 'generate'), trials, correct, accuracy, digit_accuracy.
 Rows are appended as each evaluation finishes, so an interrupted study resumes from the keys present.
 """
 
@@ -30,7 +30,9 @@ RESULT_FIELDS = ('variant', 'pos', 'seed', 'rope_scaling', 'rope_factor', 'proto
                  'train_len', 'eval_len', 'loss', 'ppl', 'bpb', 'tokens', 'bytes', 'split',
                  'learned_positions')
 KEY_FIELDS = ('variant', 'seed', 'train_len', 'rope_scaling', 'protocol', 'stride', 'eval_len')
-PASSKEY_KEY_FIELDS = ('variant', 'seed', 'train_len', 'rope_scaling', 'eval_len', 'depth')
+PASSKEY_KEY_FIELDS = ('variant', 'seed', 'train_len', 'rope_scaling', 'eval_len', 'depth', 'mode')
+# Values of fields that rows written before the field existed stand for.
+FIELD_DEFAULTS = {'mode': 'teacher_forced'}
 
 
 def append_rows(path: str, rows: Iterable[Row]) -> None:
@@ -70,7 +72,7 @@ def read_many(paths: Iterable[str]) -> list[Row]:
 
 
 def row_key(row: Row, fields: Sequence[str] = KEY_FIELDS) -> tuple:
-  return tuple(row.get(f) for f in fields)
+  return tuple(row.get(f, FIELD_DEFAULTS.get(f)) for f in fields)
 
 
 def check_result_row(row: Row) -> None:
@@ -81,9 +83,14 @@ def check_result_row(row: Row) -> None:
 
 
 def series_label(row: Row) -> str:
-  """'alibi', 'rope', 'rope + yarn', ...: a variant, and for RoPE the evaluation-time scaling."""
+  """'alibi', 'rope', 'rope + yarn', ...: a variant, and for RoPE the evaluation-time scaling;
+  passkey rows scored by generation add ' (generated)'."""
   scaling = row.get('rope_scaling', 'none')
-  return row['variant'] if scaling in (None, 'none') else f"{row['variant']} + {scaling}"
+  label = row['variant'] if scaling in (None, 'none') else f"{row['variant']} + {scaling}"
+  return label + (GENERATED if row.get('mode') == 'generate' else '')
+
+
+GENERATED = ' (generated)'
 
 
 SCALING_ORDER = ('none', 'linear', 'ntk', 'dynamic_ntk', 'yarn')
@@ -95,12 +102,13 @@ def series_order(rows: Iterable[Row]) -> Callable[[str], tuple]:
   pos_of = {r['variant']: r.get('pos') for r in rows}
 
   def key(label: str) -> tuple:
-    variant, _, scaling = label.partition(' + ')
+    generated = label.endswith(GENERATED)
+    variant, _, scaling = label.removesuffix(GENERATED).partition(' + ')
     pos = pos_of.get(variant)
     pos_rank = POSITIONAL_ENCODINGS.index(pos) if pos in POSITIONAL_ENCODINGS else len(POSITIONAL_ENCODINGS)
     scaling = scaling or 'none'
     rank = SCALING_ORDER.index(scaling) if scaling in SCALING_ORDER else len(SCALING_ORDER)
-    return pos_rank, variant, rank, scaling
+    return pos_rank, variant, rank, scaling, generated
   return key
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -215,23 +216,22 @@ def _evaluate_passkey(config: Config, variant: str, evaluator: evaluate.Evaluato
   done = {results.row_key(r, results.PASSKEY_KEY_FIELDS) for r in results.read_rows(path)}
   scalings = config.eval.rope_scalings if evaluator.model_cfg.pos == 'rope' else ('none',)
   written = 0
-  for scaling in scalings:
-    for length in lengths:
-      base = {**labels, 'pos': evaluator.model_cfg.pos, 'rope_scaling': scaling,
-              'train_len': config.train.seq_len, 'eval_len': length}
-      keys = {results.row_key({**base, 'depth': float(d)}, results.PASSKEY_KEY_FIELDS)
-              for d in config.eval.passkey_depths}
-      if keys <= done:
-        continue
-      records = evaluator.passkey(scaling, length, data.tokenizer, data.tokenizer.bos_id)
-      factor = evaluate.effective_factor(evaluator.config(scaling, length))
-      rows = [{**base, 'rope_factor': factor, 'format': config.eval.passkey_format, **r}
-              for r in records]
-      if _writer():
-        results.append_rows(path, rows)
-      written += len(rows)
-      logging.info('%s %s passkey L=%d: accuracy %s', variant, scaling, length,
-                   [round(r['accuracy'], 2) for r in records])
+  for mode, scaling, length in itertools.product(config.eval.passkey_modes, scalings, lengths):
+    base = {**labels, 'pos': evaluator.model_cfg.pos, 'rope_scaling': scaling,
+            'train_len': config.train.seq_len, 'eval_len': length, 'mode': mode}
+    keys = {results.row_key({**base, 'depth': float(d)}, results.PASSKEY_KEY_FIELDS)
+            for d in config.eval.passkey_depths}
+    if keys <= done:
+      continue
+    records = evaluator.passkey(scaling, length, data.tokenizer, data.tokenizer.bos_id, mode)
+    factor = evaluate.effective_factor(evaluator.config(scaling, length))
+    rows = [{**base, 'rope_factor': factor, 'format': config.eval.passkey_format, **r}
+            for r in records]
+    if _writer():
+      results.append_rows(path, rows)
+    written += len(rows)
+    logging.info('%s %s passkey (%s) L=%d: accuracy %s', variant, scaling, mode, length,
+                 [round(r['accuracy'], 2) for r in records])
   return written
 
 

@@ -524,6 +524,8 @@ def call(platform='cpu', dtype='float32', t=1024, s=None, has_bias=False, mask=M
     (call(t=16384), 'cpu_flash'),                                      # 256 MiB mask: fits
     (call(t=16384, batch=2), 'chunked'),                              # 512 MiB: does not
     (call(t=512, devices=8), 'xla'),                                  # the kernel is not partitioned
+    (call(t=1, s=32768), 'xla'),                                      # a decoding step
+    (call(t=16, s=4096), 'cpu_flash'),
     (call(t=512, dtype='bfloat16'), 'xla'),
     (call(t=512, head_dim=8), 'xla'),
     (call(t=512, has_bias=True), 'xla'),
@@ -608,11 +610,11 @@ def test_config_names_agree_with_the_registries():
 # The model's modules.
 
 
-def test_model_variants_run_through_chunked_and_dynamic_ntk_blocks():
-  """A sliding-window LM with dynamic NTK gives the same logits with chunked and xla."""
+def test_model_variants_give_the_same_logits_with_chunked_and_xla():
+  """A sliding-window LM with YaRN and length-scaled logits: chunked equals xla."""
   from lcr.model import TransformerLM
   base = dict(vocab_size=31, num_layers=1, d_model=32, num_heads=4, num_kv_heads=2,
-              attention='sliding', window=5, rope_scaling='dynamic_ntk', rope_factor=2.0,
+              attention='sliding', window=5, rope_scaling='yarn', rope_factor=2.0,
               rope_original_length=16, attention_chunk=8, length_scaled_logits=True,
               length_scale_base=16)
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 31, size=(2, 41)))

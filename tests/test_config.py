@@ -47,7 +47,7 @@ def test_tpu_preset_has_about_125m_parameters():
 
 
 @pytest.mark.parametrize('top, message', [
-    ({'sed': 1}, 'config field sed does not exist; top-level fields are: data, eval, mesh, model'),
+    ({'sed': 1}, 'config field sed does not exist; top-level fields are: data, decode, eval, mesh'),
     ({'train': {'stpes': 1}}, 'config field train.stpes does not exist'),
     ({'mesh': {'shape': (-1, -1, 1)}}, 'at most one size may be -1'),
     ({'mesh': {'shape': (2, 2)}}, r'mesh.shape=\(2, 2\) is invalid: needs one size per axis'),
@@ -88,7 +88,7 @@ def test_overrides_parse_to_the_field_type():
 
 @pytest.mark.parametrize('override, message', [
     ('model.nope=1', 'config field model.nope does not exist .*fields of model are: .*d_model'),
-    ('nope.x=1', 'config field nope.x does not exist .*fields of the config are: data, eval'),
+    ('nope.x=1', 'config field nope.x does not exist .*fields of the config are: data, decode, eval'),
     ('seed.x=1', 'seed is a value, not a section'),
     ('train.steps=many', "train.steps='many' is invalid: expected an integer"),
     ('train.tensorboard=maybe', 'expected true or false'),

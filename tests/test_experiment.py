@@ -63,7 +63,14 @@ def test_smoke_study_writes_every_row_and_figure(smoke_study):
   assert {results.row_key(r) for r in per_position} == {results.row_key(r) for r in rows}
   assert all(len(r['loss']) == r['eval_len'] == len(r['count']) for r in per_position)
   passkey_rows = results.read_rows(os.path.join(workdir, results.PASSKEY))
-  assert len(passkey_rows) == 3 * 2    # (learned, rope, rope + yarn) × 2 depths at length 64
+  # (learned, rope, rope + yarn) × 2 depths at length 64 × (teacher-forced, generated)
+  assert len(passkey_rows) == 3 * 2 * 2
+  by_mode = {}
+  for r in passkey_rows:
+    by_mode.setdefault(r['mode'], {})[(r['variant'], r['rope_scaling'], r['depth'])] = r
+  assert sorted(by_mode) == ['generate', 'teacher_forced']
+  for key, forced in by_mode['teacher_forced'].items():   # greedy generation is exact iff every
+    assert by_mode['generate'][key]['correct'] == forced['correct']   # answer token is the argmax
   assert 'Passkey' in open(written['summary.md']).read()
 
 

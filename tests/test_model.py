@@ -193,20 +193,20 @@ def test_learned_positions_past_the_table_fail_before_compiling():
     model.apply({'params': params}, jnp.zeros((1, 17), jnp.int32))
 
 
-def test_dynamic_ntk_uses_the_base_of_the_length_reached():
-  """One layer: queries up to the original length see plain RoPE; the last block of queries sees
-  the static NTK base computed from the full length."""
+def test_dynamic_ntk_uses_the_base_of_the_length_each_query_reached():
+  """One layer: a query at p < L sees plain RoPE; a query at p ≥ L the static NTK base of α(p + 1)
+  over tokens 0..p (every key rotated with the query's own base, as in generation)."""
   common = dict(num_layers=1, pos='rope', rope_original_length=8)
   dyn_model, params = build(rope_scaling='dynamic_ntk', rope_factor=2.0, **common)
   plain_model, _ = build(**common | {'rope_original_length': 0})
-  t = 24                                      # three blocks of 8 queries
-  alpha = 2.0 * t / 8 - 1.0                   # dynamic NTK α at length 24
-  static_model, _ = build(rope_scaling='ntk', rope_factor=alpha, **common)
-  tokens = np.random.default_rng(6).integers(0, 37, size=(1, t))
+  tokens = np.random.default_rng(6).integers(0, 37, size=(1, 24))
   dyn = logits(dyn_model, params, tokens)
   np.testing.assert_allclose(dyn[:, :8], logits(plain_model, params, tokens)[:, :8], atol=1e-5)
-  np.testing.assert_allclose(dyn[:, 16:], logits(static_model, params, tokens)[:, 16:], atol=1e-5)
-  assert not np.allclose(dyn[:, 8:16], logits(static_model, params, tokens)[:, 8:16], atol=1e-3)
+  for p in (8, 23):
+    alpha = 2.0 * (p + 1) / 8 - 1.0
+    static_model, _ = build(rope_scaling='ntk', rope_factor=alpha, **common)
+    np.testing.assert_allclose(dyn[:, p], logits(static_model, params, tokens[:, :p + 1])[:, -1],
+                               atol=1e-5)
 
 
 def test_rope_scalings_share_parameters_and_agree_within_the_training_length():

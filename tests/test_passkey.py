@@ -1,5 +1,7 @@
 """Passkey prompts, teacher-forced scoring and the training mix of lcr.passkey."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -178,3 +180,34 @@ def test_passkey_mix_iterator_is_deterministic_and_resumable():
     assert first['weights'][i].min() == 1
   again = passkey.PasskeyMix(_Rows(), tok, 0.5, bos_id=1, seed=3)
   np.testing.assert_array_equal(next(again)['inputs'], first['inputs'])
+
+
+def test_generation_recovers_exactly_what_greedy_teacher_forcing_accepts(make_params):
+  """On a random model, examples whose answer is the model's own greedy continuation are correct
+  in both modes; changing the last answer token makes both wrong, with 4 of 5 tokens matched."""
+  from lcr.config import ModelConfig
+  from lcr.decode import engine
+  from lcr.config import DecodeConfig
+  from lcr.model import TransformerLM
+  cfg = ModelConfig(vocab_size=VOCAB, num_layers=2, d_model=32, num_heads=2, pos='rope',
+                    attention_backend='xla')
+  params = make_params(cfg, seed=5)
+  planted = passkey.make_examples(Bytes(), 80, [0.0, 1.0], 2, seed=3, fmt='compact')
+  prompts = [e.tokens[:e.answer_start] for e in planted]
+  greedy = engine.generate(params, cfg, DecodeConfig(max_new_tokens=5), prompts).tokens
+  own = [passkey.PasskeyExample(np.r_[p, g].astype(np.int32), len(p), 0, 0.0)
+         for p, g in zip(prompts, greedy)]
+  wrong = [dataclasses.replace(e, tokens=e.tokens.copy()) for e in own]
+  for e in wrong:
+    e.tokens[-1] = (e.tokens[-1] + 1) % VOCAB
+  apply = lambda t, p, s: TransformerLM(cfg).apply({'params': params}, t, p, s)
+  for examples, want_correct, want_digits in ((own, True, 5), (wrong, False, 4)):
+    forced, forced_digits = passkey.score_examples(apply, examples, batch_size=4)
+    generated, generated_digits = passkey.generate_keys(params, cfg, examples, batch_size=4)
+    assert forced.tolist() == generated.tolist() == [want_correct] * 4
+    assert forced_digits.tolist() == generated_digits.tolist() == [want_digits] * 4
+
+
+def test_passkey_modes_are_validated():
+  with pytest.raises(ConfigError, match='eval.passkey_modes'):
+    EvalConfig(passkey_modes=('sampled',))

@@ -124,3 +124,62 @@ def test_bad_inputs_exit_1_with_one_clear_line(tmp_path, env, data_dir, trained)
     assert 'Traceback' not in stderr, (name, stderr[-3000:])
   assert not w.exists()   # nothing was created for runs that could not start
   assert (corrupt / 'metrics.jsonl').read_text() == (trained / 'metrics.jsonl').read_text()
+
+
+# ----------------------------------------------------------------------------------------------
+# --mode=generate
+
+
+def generate(workdir, *flags):
+  return [sys.executable, 'run.py', '--mode=generate', f'--workdir={workdir}', *flags]
+
+
+def test_generate_prints_only_the_continuation_and_stops_before_a_stop_string(trained, env):
+  from lcr.decode import text
+  flags = ['--prompt=In the beginning', '--config.decode.max_new_tokens=40',
+           '--config.decode.strategy=sample', '--config.decode.seed=1']
+  overrides = [f[len('--config.'):] for f in flags[1:]]
+  want = text.generate_text(str(trained), overrides, 'In the beginning', out=None)[0]
+  done = run(generate(trained, *flags), env)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert done.stdout == want + '\n' and len(want) > 0
+  at = next(i for i in range(2, len(want) - 1) if want[i:i + 2].isascii() and want[i:i + 2].isalpha())
+  stop = want[at:at + 2]
+  cut = run(generate(trained, *flags, f'--config.decode.stop={stop}'), env)
+  assert cut.returncode == 0, cut.stderr[-3000:]
+  assert cut.stdout == want[:want.index(stop)] + '\n'
+  beams = run(generate(trained, '--prompt=In the beginning', '--config.decode.strategy=beam',
+                       '--config.decode.num_beams=3', '--config.decode.max_new_tokens=8'), env)
+  assert beams.returncode == 0 and beams.stdout.strip('\n'), beams.stderr[-3000:]
+  assert beams.stderr.count('] beam ') == 3
+
+
+def test_generate_bad_inputs_exit_1_with_one_clear_line(tmp_path, env, data_dir, trained):
+  learned = tmp_path / 'learned'
+  done = run(command(learned, data_dir, '--config.model.pos=learned', '--config.model.max_len=40'), env)
+  assert done.returncode == 0, done.stderr[-3000:]
+  (tmp_path / 'empty').mkdir()
+  cases = {
+      'empty prompt': (generate(trained, '--prompt='), '--prompt is empty'),
+      'learned table too short': (
+          generate(learned, '--prompt=In the beginning', '--config.decode.max_new_tokens=30'),
+          'decode.max_new_tokens=30 is invalid'),
+      'unknown strategy': (generate(trained, '--prompt=a', '--config.decode.strategy=nucleus'),
+                           "decode.strategy='nucleus'"),
+      'top_p outside (0, 1]': (generate(trained, '--prompt=a', '--config.decode.top_p=1.5'),
+                               'decode.top_p=1.5 is invalid'),
+      'no beams': (generate(trained, '--prompt=a', '--config.decode.num_beams=0'),
+                   'decode.num_beams=0 is invalid'),
+      'workdir without a checkpoint': (generate(tmp_path / 'empty', '--prompt=a'),
+                                       'has no trained model'),
+      'no prompt': (generate(trained), 'needs exactly one of --prompt'),
+  }
+  procs = {name: subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+           for name, (args, _) in cases.items()}
+  for name, proc in procs.items():
+    stdout, stderr = proc.communicate(timeout=180)
+    lines = [l for l in stderr.splitlines() if l.startswith('run.py:')]
+    assert proc.returncode == 1, (name, stderr[-3000:])
+    assert len(lines) == 1 and cases[name][1] in lines[0], (name, stderr[-3000:])
+    assert 'Traceback' not in stderr and not stdout.strip(), (name, stderr[-3000:])

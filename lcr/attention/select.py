@@ -24,6 +24,9 @@ CUDNN_DTYPES = ('bfloat16', 'float16')
 CUDNN_MAX_HEAD_DIM = 128
 # Largest [B, T, S] bool mask `auto` lets the cpu_flash backend materialise (T = S = 16k at B = 1).
 CPU_FLASH_MAX_MASK_BYTES = 1 << 28
+# Fewer queries than this per call (cached decoding steps) go to `xla`: the kernel's 64-row tiles
+# would run nearly empty (benchmarks/decode.py: 3.3 ms against 0.35 ms per token at 1k context).
+CPU_FLASH_MIN_QUERIES = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +64,8 @@ def _cpu_flash_supports(call: Call) -> str | None:
 
 
 def _cpu_flash_fits(call: Call) -> str | None:
+  if call.q_len < CPU_FLASH_MIN_QUERIES:
+    return f'{call.q_len} queries fill no kernel tile (decoding steps run dense)'
   if call.devices > 1:   # XLA does not partition the kernel: it would gather q, k, v on each device
     return f'the kernel runs unpartitioned, not over {call.devices} devices'
   size = call.batch * call.q_len * call.kv_len
