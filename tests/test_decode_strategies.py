@@ -185,6 +185,30 @@ def test_sampling_on_eight_devices_equals_one_device(tiny):
   assert not np.array_equal(one.tokens, other_seed.tokens)
 
 
+def test_the_cache_is_sharded_like_the_activations(tiny):
+  """Under the mesh rules the prefilled cache splits its batch over data and its K/V heads over
+  tensor, as the model's logical axes say."""
+  import flax.linen as nn
+  from jax.sharding import PartitionSpec as P
+  from lcr import sharding
+  from lcr.config import MeshConfig
+  cfg, params = tiny
+  mesh_cfg = MeshConfig(shape=(4, 1, 2))
+  mesh = sharding.make_mesh(mesh_cfg)
+  stepper = engine.Stepper(cfg, DecodeConfig(max_new_tokens=4), prompt_len=6)
+
+  def prefill(params, prompt, lengths):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(mesh_cfg.rules):
+      return stepper.prefill(params, prompt, lengths)
+  batch = sharding.batch_sharding(mesh, mesh_cfg)
+  rows = jax.sharding.NamedSharding(mesh, P(batch.spec[0]))
+  jitted = jax.jit(prefill, in_shardings=(engine.param_shardings(cfg, mesh, mesh_cfg), batch, rows))
+  _, state = jitted(params, jnp.ones((8, 6), jnp.int32), jnp.full((8,), 6, jnp.int32))
+  for name in ('key', 'value'):
+    spec = state['layer_1']['attention']['cache'][name].value.sharding.spec
+    assert spec[:2] == (('data', 'fsdp'), 'tensor') or spec[:2] == ('data', 'tensor'), spec
+
+
 # ----------------------------------------------------------------------------------------------
 # Beam search.
 
