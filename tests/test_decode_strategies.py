@@ -276,6 +276,20 @@ def test_beam_search_keeps_finished_hypotheses_and_beats_greedy_on_hand_built_lo
   np.testing.assert_allclose(np.asarray(raw)[0, 1], np.log(0.45), rtol=1e-5)
 
 
+def test_beam_search_goes_on_while_a_live_beam_can_still_win():
+  """One beam: [EOS] finishes first (log 0.55 = −0.598), so n hypotheses are finished, but the
+  live beam [a] (log 0.45) may still reach −0.799 / lp(4) = −0.355 with α = 2; it goes on and
+  [a, EOS] wins: (log 0.45 + log 0.999) / (7/6)^2 = −0.587."""
+  eps = 1e-6
+  table = [[0.25] * 4, [0.25] * 4, [eps, 0.999, eps, 0.001 - 2 * eps], [eps, 0.55, 0.45 - 2 * eps, eps]]
+  seqs, lens, scores, _ = jax.jit(lambda: beam.search_loop(
+      TableStepper(table), None, jnp.asarray([[3]]), jnp.asarray([1]), n=1, max_new=4,
+      alpha=2.0, eos_id=1))()
+  assert int(lens[0, 0]) == 2 and np.asarray(seqs)[0, 0, :2].tolist() == [2, 1]
+  np.testing.assert_allclose(float(scores[0, 0]), (np.log(0.45 - 2 * eps) + np.log(0.999)) / (7 / 6) ** 2,
+                             rtol=1e-5)
+
+
 def test_beam_search_stops_once_no_live_beam_can_win():
   """After [EOS] (log 0.9) every continuation has log-probability ≤ log 0.1 < log 0.9 even at the
   most favourable length: the search ends after one step with the EOS hypothesis best."""
