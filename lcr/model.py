@@ -97,26 +97,43 @@ class CrossAttention(Attention):
 
 
 class Block(nn.Module):
-  """One Transformer layer: pre-norm x + f(norm(x)) or post-norm norm(x + f(x)) (Xiong et al. 2020)."""
+  """One Transformer layer: attention and FFN, each wrapped by layers.RESIDUALS[norm_placement]:
+  pre-norm x + f(norm(x)), post-norm norm(x + f(x)) (Xiong et al. 2020) or DeepNorm."""
   cfg: ModelConfig
   deterministic: bool = True
+  ffn_kind: str = ''    # this layer's FFN (cfg.ffn_kind(layer)); '' = cfg.ffn
 
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT, segments_BxT, pos_table):
     cfg = self.cfg
     drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
+    ffn = self.ffn_kind or cfg.ffn
     sublayers = (
         ('attn', lambda h: Attention(cfg, name='attention')(h, positions_BxT, segments_BxT, pos_table)),
-        ('ffn', lambda h: layers.FFNS[cfg.ffn](cfg, name='ffn')(h)),
+        ('ffn', lambda h: layers.FFNS[ffn](cfg, ffn, self.deterministic, name='ffn')(h)),
     )
     x = x_BxTxD
     for name, sublayer in sublayers:
-      if cfg.norm_placement == 'pre':
-        x = x + drop(sublayer(layers.norm(cfg, f'{name}_norm')(x).astype(x.dtype)))
-      else:
-        x = layers.norm(cfg, f'{name}_norm')(x + drop(sublayer(x))).astype(x.dtype)
+      x = layers.RESIDUALS[cfg.norm_placement](
+          cfg, x, lambda h, f=sublayer: drop(f(h)), layers.norm(cfg, f'{name}_norm'))
       x = nn.with_logical_constraint(x, EMBED_AXES)
     return x, None
+
+
+class BlockGroup(nn.Module):
+  """``len(ffns)`` consecutive layers, one per FFN kind: what nn.scan repeats when the layers of an
+  MoE model differ (moe.every > 1)."""
+  cfg: ModelConfig
+  deterministic: bool = True
+  ffns: tuple[str, ...] = ()
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT, segments_BxT, pos_table):
+    block = nn.remat(Block, prevent_cse=False) if self.cfg.remat else Block
+    for j, ffn in enumerate(self.ffns):
+      x_BxTxD, _ = block(self.cfg, self.deterministic, ffn, name=f'block_{j}')(
+          x_BxTxD, positions_BxT, segments_BxT, pos_table)
+    return x_BxTxD, None
 
 
 class TransformerLM(nn.Module):
@@ -156,17 +173,7 @@ class TransformerLM(nn.Module):
     x = nn.Dropout(cfg.dropout, deterministic=deterministic)(x)
     pos_table = positional.T5Table(cfg, name='t5_bias')() if cfg.pos == 't5' else None
 
-    block = Block
-    if cfg.remat:
-      block = nn.remat(block, prevent_cse=not cfg.scan_layers)
-    if cfg.scan_layers:
-      x, _ = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
-                     in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
-                     metadata_params={nn.PARTITION_NAME: 'layers'})(
-                         cfg, deterministic, name='layers')(x, positions_BxT, segment_ids_BxT, pos_table)
-    else:
-      for i in range(cfg.num_layers):
-        x, _ = block(cfg, deterministic, name=f'layer_{i}')(x, positions_BxT, segment_ids_BxT, pos_table)
+    x = self._layers(x, positions_BxT, segment_ids_BxT, pos_table, deterministic)
     if cfg.norm_placement == 'pre':
       x = layers.norm(cfg, 'final_norm')(x)
 
@@ -175,3 +182,26 @@ class TransformerLM(nn.Module):
     else:
       logits = layers.dense(cfg, cfg.vocab_size, ('embed', 'vocab'), 'output')(x)
     return nn.with_logical_constraint(logits.astype(jnp.float32), ('batch', 'length', 'vocab'))
+
+  def _layers(self, x, positions_BxT, segment_ids_BxT, pos_table, deterministic: bool):
+    cfg = self.cfg
+    ffns = tuple(cfg.ffn_kind(i) for i in range(cfg.num_layers))
+    block = Block
+    if cfg.remat:
+      block = nn.remat(block, prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      # One scanned unit per period of the FFN pattern: a Block, or a BlockGroup of `moe.every`.
+      period = cfg.moe.every if len(set(ffns)) > 1 else 1
+      unit, args = (block, (ffns[0],)) if period == 1 else (BlockGroup, (ffns[:period],))
+      # Sown auxiliary losses and metrics are stacked over the scanned layers (else scan drops them).
+      stacked = {'params': 0, layers.AUX_LOSSES: 0, layers.MODEL_METRICS: 0}
+      x, _ = nn.scan(unit, variable_axes=stacked, split_rngs={'params': True, 'dropout': True},
+                     in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                     length=cfg.num_layers // period, metadata_params={nn.PARTITION_NAME: 'layers'})(
+                         cfg, deterministic, *args, name='layers')(
+                             x, positions_BxT, segment_ids_BxT, pos_table)
+      return x
+    for i in range(cfg.num_layers):
+      x, _ = block(cfg, deterministic, ffns[i], name=f'layer_{i}')(
+          x, positions_BxT, segment_ids_BxT, pos_table)
+    return x
