@@ -193,11 +193,13 @@ class TransformerLM(nn.Module):
       # One scanned unit per period of the FFN pattern: a Block, or a BlockGroup of `moe.every`.
       period = cfg.moe.every if len(set(ffns)) > 1 else 1
       unit, args = (block, (ffns[0],)) if period == 1 else (BlockGroup, (ffns[:period],))
-      # Sown auxiliary losses and metrics are stacked over the scanned layers (else scan drops them).
+      # Sown auxiliary losses and metrics are stacked over the scanned layers (scan would drop
+      # them otherwise).
       stacked = {'params': 0, layers.AUX_LOSSES: 0, layers.MODEL_METRICS: 0}
       x, _ = nn.scan(unit, variable_axes=stacked, split_rngs={'params': True, 'dropout': True},
                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
-                     length=cfg.num_layers // period, metadata_params={nn.PARTITION_NAME: 'layers'})(
+                     length=cfg.num_layers // period,
+                     metadata_params={nn.PARTITION_NAME: 'layers'})(
                          cfg, deterministic, *args, name='layers')(
                              x, positions_BxT, segment_ids_BxT, pos_table)
       return x

@@ -1,5 +1,5 @@
-"""Mixture-of-experts FFN (``model.ffn='moe'``): float32 top-k router, capacity, dispatch and combine,
-auxiliary losses. Details and conventions: docs/moe_and_deepnorm.md.
+"""Mixture-of-experts FFN (``model.ffn='moe'``): float32 top-k router, capacity, dispatch and
+combine, auxiliary losses. Details and conventions: docs/moe_and_deepnorm.md.
 
 Each sequence (batch row) is one routing group (GShard's G, Lepikhin et al. 2020 §2.2): expert
 capacity C = min(T, ceil(k·T/E · capacity_factor)) slots per expert and row, or C = T when dropless.
@@ -151,7 +151,7 @@ class MoeFfn(layers.Ffn):
     logits = self._router_logits(x_BxTxD)
     routing = route(logits, moe.top_k, moe.renormalize)
     slots = assign_slots(routing.experts, e)
-    expert_in = dispatch(x_BxTxD.astype(jnp.dtype(cfg.dtype)), routing.experts, slots, e, cap)
+    expert_in = dispatch(x_BxTxD, routing.experts, slots, e, cap)
     expert_in = nn.with_logical_constraint(expert_in, ('batch', None, None, 'embed'))
     # GShard's all-to-all: from rows split over (data, expert) to experts split over 'expert'.
     expert_out = self._experts(jnp.swapaxes(expert_in, 0, 1))
@@ -174,8 +174,9 @@ class MoeFfn(layers.Ffn):
                         (x.shape[-1], moe.num_experts), jnp.float32)
     return jnp.einsum('btd,de->bte', x, kernel)
 
-  def _kernel(self, name: str, shape: tuple[int, int, int], axes: tuple[str, str, str]) -> jax.Array:
-    """[E, fan_in, fan_out]: each expert's kernel initialised like the dense FFN's (DeepNorm's β too)."""
+  def _kernel(self, name: str, shape: tuple[int, ...], axes: tuple[str, ...]) -> jax.Array:
+    """[E, fan_in, fan_out]: each expert's kernel initialised like the dense FFN's (with
+    DeepNorm's β where it applies)."""
     init = layers.xavier_uniform(layers.init_scale(self.cfg, name), batch_axis=(0,))
     return self.param(name, nn.with_logical_partitioning(init, axes), shape,
                       jnp.dtype(self.cfg.param_dtype))
@@ -207,7 +208,8 @@ class MoeFfn(layers.Ffn):
     balance, router_z = balance_loss(routing.probs, routing.experts), z_loss(logits)
     self.sow(layers.AUX_LOSSES, 'balance_loss', moe.balance_coef * balance)
     self.sow(layers.AUX_LOSSES, 'router_z_loss', moe.z_coef * router_z)
-    load = jnp.sum(jax.nn.one_hot(routing.experts, moe.num_experts, dtype=jnp.float32), axis=(0, 1, 2))
+    chosen = jax.nn.one_hot(routing.experts, moe.num_experts, dtype=jnp.float32)
+    load = jnp.sum(chosen, axis=(0, 1, 2))   # assignments per expert, before the capacity limit
     for name, value in (('balance_loss', balance), ('z_loss', router_z),
                         ('dropped_fraction', jnp.mean((slots >= cap).astype(jnp.float32))),
                         ('expert_load', jnp.max(load) / jnp.mean(load))):

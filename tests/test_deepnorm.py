@@ -64,6 +64,10 @@ def test_value_output_and_ffn_kernels_start_scaled_by_beta(ffn):
   assert bound * 0.9 < np.abs(value).max() <= bound
 
 
+def test_the_placement_registry_and_the_config_agree():
+  assert set(layers.RESIDUALS) == set(C.NORM_PLACEMENTS)
+
+
 def test_deepnorm_residual_is_layernorm_of_alpha_x_plus_f():
   x = np.random.default_rng(0).normal(size=(2, 3, 8)).astype(np.float32)
   cfg = C.ModelConfig(**{**TINY, 'num_layers': 6, 'norm_placement': 'deepnorm'})
