@@ -27,8 +27,8 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'where the runs go (one director
 _PLACEMENTS = flags.DEFINE_list('placements', ['pre', 'post', 'deepnorm'], 'norm placements')
 _LAYERS = flags.DEFINE_integer('layers', 24, 'model.num_layers')
 _STEPS = flags.DEFINE_integer('steps', 300, 'training steps')
-_LR = flags.DEFINE_float('lr', 2e-3, 'peak learning rate')
-_WARMUP = flags.DEFINE_integer('warmup', 30, 'linear warmup steps')
+_LR = flags.DEFINE_float('lr', 1e-3, 'peak learning rate')
+_WARMUP = flags.DEFINE_integer('warmup', 100, 'linear warmup steps')
 _SEED = flags.DEFINE_integer('seed', 0, 'seed of the parameters and the data order')
 
 

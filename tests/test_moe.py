@@ -48,6 +48,14 @@ def test_balance_loss_by_hand_for_top1_and_top2():
   np.testing.assert_allclose(float(moe.balance_loss(r.probs, r.experts)), 3 * 0.33125, rtol=1e-6)
 
 
+def test_balance_loss_gradient_flows_through_the_mean_probabilities_only():
+  # ∂/∂p[b,t,i] of N·Σ f_i·P_i with P_i = mean over the B·T tokens of p[., ., i]: N·f_i/(B·T).
+  r = moe.route(jnp.log(jnp.asarray(PROBS))[None], 1, renormalize=False)
+  grad = jax.grad(moe.balance_loss)(r.probs, r.experts)
+  want = np.broadcast_to(3 * np.array([0.5, 0.25, 0.25]) / 4, (1, 4, 3))
+  np.testing.assert_allclose(np.asarray(grad), want, rtol=1e-6)
+
+
 def test_balance_loss_is_one_when_balanced_and_larger_when_not():
   # Each token's top choice a different expert, whatever the probabilities: exactly 1.
   rng = np.random.default_rng(0)
@@ -158,6 +166,19 @@ def test_one_expert_top1_dropless_equals_the_dense_ffn(kind):
   want = dense.apply({'params': dense_params}, x)
   np.testing.assert_allclose(np.asarray(layer.apply({'params': params}, x)), np.asarray(want),
                              rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_experts_with_a_float32_router():
+  x = jnp.asarray(np.random.default_rng(9).normal(size=(2, 8, 32)), jnp.bfloat16).astype(jnp.float32)
+  layer, params = _layer(moe_cfg(), x)   # x exact in bfloat16: both route the same
+  half = moe.MoeFfn(moe_cfg(dtype='bfloat16'))
+  (y16, s16), (y32, s32) = (m.apply({'params': params}, v, mutable=[layers.MODEL_METRICS])
+                            for m, v in ((half, x.astype(jnp.bfloat16)), (layer, x)))
+  assert y16.dtype == jnp.bfloat16 and params['router'].dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(y16, np.float32), np.asarray(y32), atol=0.05)
+  # The router ran in float32: its z-loss (a function of the logits alone) is the float32 one.
+  z16, z32 = (float(s[layers.MODEL_METRICS]['z_loss'][0]) for s in (s16, s32))
+  np.testing.assert_allclose(z16, z32, rtol=1e-6)
 
 
 def test_gradients_reach_the_router_from_the_loss_and_the_auxiliary_losses():
