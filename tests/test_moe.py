@@ -163,17 +163,18 @@ def test_one_expert_top1_dropless_equals_the_dense_ffn(kind):
   dense = layers.FFNS[kind](dense_cfg)
   names = ('wi_gate', 'wi_up', 'wo') if kind == 'swiglu' else ('wi', 'wo')
   dense_params = {n: {'kernel': params[n][0]} for n in names}
-  want = dense.apply({'params': dense_params}, x)
-  np.testing.assert_allclose(np.asarray(layer.apply({'params': params}, x)), np.asarray(want),
-                             rtol=1e-5, atol=1e-6)
+  want = jax.jit(dense.apply)({'params': dense_params}, x)
+  np.testing.assert_allclose(np.asarray(jax.jit(layer.apply)({'params': params}, x)),
+                             np.asarray(want), rtol=1e-5, atol=1e-6)
 
 
 def test_bfloat16_experts_with_a_float32_router():
   x = jnp.asarray(np.random.default_rng(9).normal(size=(2, 8, 32)), jnp.bfloat16).astype(jnp.float32)
   layer, params = _layer(moe_cfg(), x)   # x exact in bfloat16: both route the same
   half = moe.MoeFfn(moe_cfg(dtype='bfloat16'))
-  (y16, s16), (y32, s32) = (m.apply({'params': params}, v, mutable=[layers.MODEL_METRICS])
-                            for m, v in ((half, x.astype(jnp.bfloat16)), (layer, x)))
+  (y16, s16), (y32, s32) = (
+      jax.jit(lambda v, m=m: m.apply({'params': params}, v, mutable=[layers.MODEL_METRICS]))(v)
+      for m, v in ((half, x.astype(jnp.bfloat16)), (layer, x)))
   assert y16.dtype == jnp.bfloat16 and params['router'].dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(y16, np.float32), np.asarray(y32), atol=0.05)
   # The router ran in float32: its z-loss (a function of the logits alone) is the float32 one.
@@ -205,9 +206,10 @@ def test_jitter_only_in_training():
   jittered = moe.MoeFfn(moe_cfg(moe=C.MoeConfig(num_experts=4, capacity_factor=1.0, jitter=0.5)),
                         deterministic=False)
   evaluation = jittered.clone(deterministic=True)
-  base = plain.apply({'params': params}, x)
-  np.testing.assert_array_equal(evaluation.apply({'params': params}, x), base)
-  a, b = (jittered.apply({'params': params}, x, rngs={'dropout': jax.random.key(s)}) for s in (1, 2))
+  base = jax.jit(plain.apply)({'params': params}, x)
+  np.testing.assert_array_equal(jax.jit(evaluation.apply)({'params': params}, x), base)
+  train_apply = jax.jit(lambda key: jittered.apply({'params': params}, x, rngs={'dropout': key}))
+  a, b = (train_apply(jax.random.key(s)) for s in (1, 2))
   assert not np.allclose(a, base) and not np.allclose(a, b)
 
 
@@ -216,8 +218,8 @@ def test_sown_losses_and_metrics_match_numpy():
   cfg = moe_cfg(moe=C.MoeConfig(num_experts=4, top_k=2, capacity_factor=1.0, balance_coef=0.5,
                                 z_coef=0.25))
   layer, params = _layer(cfg, jnp.asarray(x))
-  _, sown = layer.apply({'params': params}, jnp.asarray(x),
-                        mutable=[layers.AUX_LOSSES, layers.MODEL_METRICS])
+  _, sown = jax.jit(lambda v: layer.apply({'params': params}, v, mutable=[
+      layers.AUX_LOSSES, layers.MODEL_METRICS]))(jnp.asarray(x))
   logits = x.astype(np.float64) @ np.asarray(params['router'], np.float64)
   p = np.exp(logits - logits.max(-1, keepdims=True))
   p /= p.sum(-1, keepdims=True)
@@ -320,45 +322,24 @@ class _Batches:
     self.index = state['index']
 
 
-def test_training_logs_the_moe_metrics_and_resumes_only_with_the_same_experts(tmp_path):
-  cfg = cli.load('configs/lm.py:smoke', [
-      'model.vocab_size=40', 'model.num_layers=1', 'model.ffn=moe', 'model.moe.num_experts=4', 'model.moe.top_k=1',
-      'model.moe.renormalize=false', 'model.moe.capacity_factor=1.0', 'train.steps=4',
-      'train.seq_len=16', 'train.eval_every=0', 'train.checkpoint_every=0', 'train.log_every=2',
-      'train.tensorboard=false'])
-  assert cfg.model.moe == C.MoeConfig(num_experts=4, top_k=1, renormalize=False,
-                                      capacity_factor=1.0)
-  data = train.Data(vocab_size=40, train=_Batches(cfg), validation=lambda: [next(_Batches(cfg))])
-  train.train(cfg, str(tmp_path), data)
-  records = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
-  for r in records:
-    assert {'aux_loss', 'moe_balance_loss', 'moe_z_loss', 'moe_dropped_fraction',
-            'moe_expert_load_layer_0'} <= set(r)
-    assert r['moe_balance_loss'] >= 1.0 - 1e-6 and 0 <= r['moe_dropped_fraction'] < 1
-    assert 1.0 <= r['moe_expert_load_layer_0'] <= 4.0
-  with open(tmp_path / 'config.json') as f:
-    assert C.from_config_dict(json.load(f)) == cfg
-  more = cli.load('configs/lm.py:smoke', ['model.vocab_size=40', 'model.num_layers=1',
-                                          'model.ffn=moe',
-                                          'model.moe.num_experts=8', 'model.moe.top_k=1',
-                                          'model.moe.renormalize=false', 'train.steps=6',
-                                          'model.moe.capacity_factor=1.0', 'train.seq_len=16'])
-  with pytest.raises(checkpoint.CheckpointError, match=r'model\.moe\.num_experts=4'):
-    train.train(more, str(tmp_path), data)
-
-
 # ----------------------------------------------------------------------------------------------
 # Expert parallelism on 8 simulated devices.
 
 
-def _config(axes, shape, backend='auto') -> C.Config:
-  return C.Config(seed=3, model=moe_cfg(num_layers=1, attention_backend=backend), data=DataConfig(),
-                  train=C.TrainConfig(batch_size=8, seq_len=16, steps=10, warmup_steps=0, lr=1e-3),
+def _config(axes, shape) -> C.Config:
+  """One MoE layer; the training loop below runs the expert-parallel config (same compiled step)."""
+  return C.Config(seed=3, model=moe_cfg(num_layers=1), data=DataConfig(),
+                  train=C.TrainConfig(batch_size=8, seq_len=16, steps=4, warmup_steps=0, lr=1e-3,
+                                      log_every=2, eval_every=0, checkpoint_every=0,
+                                      keep_checkpoints=1, eval_batches=1, tensorboard=False),
                   mesh=C.MeshConfig(axes=axes, shape=shape))
 
 
+EXPERT_PARALLEL = _config(('data', 'expert'), (2, 4))
+
+
 def test_expert_parallel_step_equals_the_single_device_step():
-  sharded = step.make_trainer(_config(('data', 'expert'), (2, 4)))
+  sharded = step.make_trainer(EXPERT_PARALLEL)
   one = _config(('data',), (1,))
   single = step.make_trainer(one, mesh=sharding.make_mesh(one.mesh, devices=jax.devices()[:1]))
   specs = jax.tree.map(lambda s: tuple(s.spec), sharded.state_sharding.params)['layer_0']['ffn']
@@ -371,8 +352,7 @@ def test_expert_parallel_step_equals_the_single_device_step():
   assert len({s.device for s in wi.addressable_shards}) == 8
   batch = {k: v for k, v in _Batches(one).__next__().items()}
   batch8 = sharding.global_batch(batch, sharded.batch_sharding)
-  compiled = sharded.train_step.lower(sharded.abstract_state(), batch8).compile()
-  hlo = compiled.as_text()
+  hlo = sharded.train_step.lower(sharded.abstract_state(), batch8).compile().as_text()
   assert 'lcr_cpu_flash' not in hlo   # auto: under 8 devices not the unpartitioned CPU kernel
   # GShard's all-to-all moves each device's slots to their expert's device and back (and again
   # in the backward pass); the expert kernels' gradients are summed over 'data' only, per expert.
@@ -381,7 +361,7 @@ def test_expert_parallel_step_equals_the_single_device_step():
   assert any('all-reduce(' in line and 'f32[1,32,48]' in line for line in lines)
   assert not any('all-gather(' in line and 'f32[4,32,48]' in line for line in lines)
   initial = jax.device_get(state1.params)
-  state8, m8 = compiled(state8, batch8)
+  state8, m8 = sharded.train_step(state8, batch8)   # compiled above (XLA's cache)
   state1, m1 = single.train_step(state1, sharding.global_batch(batch, single.batch_sharding))
   for name in ('loss', 'aux_loss', 'grad_norm', 'moe_dropped_fraction', 'moe_expert_load_layer_0'):
     np.testing.assert_allclose(float(m8[name]), float(m1[name]), rtol=1e-5)
@@ -395,6 +375,26 @@ def test_expert_parallel_step_equals_the_single_device_step():
   assert min(close) > 0.99
   moved = p1['layer_0']['ffn']['router'] - initial['layer_0']['ffn']['router']
   assert np.abs(moved).max() > 1e-4
+
+
+def test_training_logs_the_moe_metrics_and_resumes_only_with_the_same_experts(tmp_path):
+  cfg = EXPERT_PARALLEL   # the training loop on the expert-parallel mesh
+  data = train.Data(vocab_size=40, train=_Batches(cfg), validation=lambda: [next(_Batches(cfg))])
+  train.train(cfg, str(tmp_path), data)
+  records = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+  assert [r['step'] for r in records] == [2, 4]
+  for r in records:
+    assert {'aux_loss', 'moe_balance_loss', 'moe_z_loss', 'moe_dropped_fraction',
+            'moe_expert_load_layer_0'} <= set(r)
+    assert 0.9 < r['moe_balance_loss'] < 4 and 0 <= r['moe_dropped_fraction'] < 1
+    assert 1.0 <= r['moe_expert_load_layer_0'] <= 4.0
+    assert r['aux_loss'] == pytest.approx(1e-2 * r['moe_balance_loss'] + 1e-3 * r['moe_z_loss'],
+                                          rel=1e-5)
+  with open(tmp_path / 'config.json') as f:
+    assert C.from_config_dict(json.load(f)) == cfg
+  more = dataclasses.replace(cfg, model=moe_cfg(num_layers=1, moe=C.MoeConfig(num_experts=8)))
+  with pytest.raises(checkpoint.CheckpointError, match=r'model\.moe\.num_experts=4'):
+    train.train(more, str(tmp_path), data)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -416,6 +416,17 @@ def test_expert_parallel_step_equals_the_single_device_step():
 def test_bad_moe_values_name_the_field(model, message):
   with pytest.raises(C.ConfigError, match=message):
     C.from_config_dict({'model': model})
+
+
+def test_overrides_reach_the_nested_moe_section():
+  cfg = cli.load('configs/lm.py:smoke', ['model.ffn=moe', 'model.moe.num_experts=4',
+                                          'model.moe.top_k=1', 'model.moe.renormalize=false',
+                                          'model.moe.capacity_factor=-1', 'model.moe.every=2'])
+  assert cfg.model.moe == C.MoeConfig(num_experts=4, top_k=1, renormalize=False,
+                                      capacity_factor=-1.0, every=2)
+  assert C.from_config_dict(json.loads(json.dumps(C.to_dict(cfg)))) == cfg
+  with pytest.raises(C.ConfigError, match=r'config field model\.moe\.topk does not exist'):
+    cli.load('configs/lm.py:smoke', ['model.moe.topk=1'])
 
 
 def test_the_ffn_registry_and_the_config_agree():
