@@ -87,7 +87,7 @@ def param_shardings(model: TransformerLM, seq_len: int, mesh: Mesh, config: Conf
 def forward(model: TransformerLM, params: Any, batch: Batch, *, rng: jax.Array | None = None):
   """(logits [B, T, V] float32, sum of auxiliary losses the model sowed)."""
   logits, sown = forward_sown(model, params, batch, rng=rng)
-  return logits, _aux_loss(sown)
+  return logits, sown_aux_loss(sown)
 
 
 def forward_sown(model: TransformerLM, params: Any, batch: Batch, *, rng: jax.Array | None = None):
@@ -103,7 +103,8 @@ def forward_sown(model: TransformerLM, params: Any, batch: Batch, *, rng: jax.Ar
                        mutable=[AUX_LOSSES, MODEL_METRICS])
 
 
-def _aux_loss(sown: Any) -> jax.Array:
+def sown_aux_loss(sown: Any) -> jax.Array:
+  """The sum of everything sown in AUX_LOSSES (0 when nothing was)."""
   return sum((jnp.sum(x) for x in jax.tree.leaves(sown.get(AUX_LOSSES, {}))),
              jnp.zeros((), jnp.float32))
 
@@ -116,7 +117,7 @@ def make_train_step(model: TransformerLM, tx: optax.GradientTransformation,
 
     def loss_fn(params):
       logits, sown = forward_sown(model, params, batch, rng=rng)
-      aux_loss = _aux_loss(sown)
+      aux_loss = sown_aux_loss(sown)
       sum_loss, sum_weights = losses.cross_entropy(logits, batch['targets'], batch['weights'])
       ce = sum_loss / jnp.maximum(sum_weights, 1.0)
       return ce + aux_loss, (ce, aux_loss, sum_weights, sown.get(MODEL_METRICS, {}))
@@ -146,7 +147,8 @@ def _under_axis_rules(fn: Callable, mesh: Mesh, config: Config) -> Callable:
   constraints (``nn.with_logical_constraint``) become sharding constraints."""
   @functools.wraps(fn)
   def traced(*args):
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(config.mesh.active_rules):
+    with (jax.sharding.use_abstract_mesh(mesh.abstract_mesh),
+          nn.logical_axis_rules(config.mesh.active_rules)):
       return fn(*args)
   return traced
 

@@ -288,7 +288,7 @@ def test_every_nth_layer_is_moe_and_scanned_layers_keep_the_sown_losses():
   (la, sa), (lb, sb) = (jax.jit(lambda p, m=m: step.forward_sown(m, p, batch))(p)
                         for m, p in ((model, params), (scanned, stacked)))
   np.testing.assert_allclose(np.asarray(la), np.asarray(lb), atol=1e-5)
-  aux_a, aux_b = (float(step._aux_loss(s)) for s in (sa, sb))
+  aux_a, aux_b = (float(step.sown_aux_loss(s)) for s in (sa, sb))
   assert aux_a > 0
   np.testing.assert_allclose(aux_b, aux_a, rtol=1e-5)
   ma = moe.summarize(sa[layers.MODEL_METRICS], cfg)
