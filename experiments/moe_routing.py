@@ -27,7 +27,8 @@ from lcr import cli, metrics, train  # noqa: E402
 _WORKDIR = flags.DEFINE_string('workdir', None, 'where the runs go (one directory per run)')
 _FACTORS = flags.DEFINE_list('capacity_factors', ['1.0', '1.25'], 'moe.capacity_factor per run')
 _STEPS = flags.DEFINE_integer('steps', 400, 'training steps')
-_DENSE = flags.DEFINE_bool('dense', True, 'also train the dense model with the same active parameters')
+_DENSE = flags.DEFINE_bool('dense', True,
+                           'also train the dense model with the same active parameters')
 
 COMMON = ['model.num_layers=4', 'model.d_model=128', 'model.num_heads=4', 'model.pos=rope',
           'train.batch_size=16', 'train.seq_len=128', 'train.lr=2e-3', 'train.warmup_steps=50',

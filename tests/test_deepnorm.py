@@ -1,5 +1,5 @@
-"""DeepNorm (Wang et al. 2022): α and β against the decoder-only formulas, which kernels start scaled
-by β, and x ← LN(α·x + f(x)) in the model, checked through LayerNorm's scale invariance."""
+"""DeepNorm (Wang et al. 2022): α and β against the decoder-only formulas, which kernels start
+scaled by β, and x ← LN(α·x + f(x)) in the model, checked through LayerNorm's scale invariance."""
 
 import math
 

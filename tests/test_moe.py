@@ -169,7 +169,8 @@ def test_one_expert_top1_dropless_equals_the_dense_ffn(kind):
 
 
 def test_bfloat16_experts_with_a_float32_router():
-  x = jnp.asarray(np.random.default_rng(9).normal(size=(2, 8, 32)), jnp.bfloat16).astype(jnp.float32)
+  x = jnp.asarray(np.random.default_rng(9).normal(size=(2, 8, 32)), jnp.bfloat16)
+  x = x.astype(jnp.float32)
   layer, params = _layer(moe_cfg(), x)   # x exact in bfloat16: both route the same
   half = moe.MoeFfn(moe_cfg(dtype='bfloat16'))
   (y16, s16), (y32, s32) = (
@@ -345,7 +346,7 @@ def test_expert_parallel_step_equals_the_single_device_step():
   specs = jax.tree.map(lambda s: tuple(s.spec), sharded.state_sharding.params)['layer_0']['ffn']
   assert specs['wi'] == ('expert', None, None) and specs['wo'] == ('expert', None, None)
   assert specs['router'] == (None, None)
-  assert tuple(sharded.batch_sharding.spec) == (('data', 'expert'), None)   # batch over data × expert
+  assert tuple(sharded.batch_sharding.spec) == (('data', 'expert'), None)   # data × expert
   state8, state1 = sharded.init_state(), single.init_state()
   wi = state8.params['layer_0']['ffn']['wi']
   assert wi.shape == (4, 32, 48) and wi.addressable_shards[0].data.shape == (1, 32, 48)
@@ -405,7 +406,8 @@ def test_training_logs_the_moe_metrics_and_resumes_only_with_the_same_experts(tm
     (dict(ffn='moe', moe=dict(num_experts=4, top_k=5)), r'model\.moe\.top_k=5 .*\[1, .*=4\]'),
     (dict(ffn='moe', moe=dict(capacity_factor=-0.5)), r'model\.moe\.capacity_factor=-0\.5'),
     (dict(moe=dict(num_experts=4)), r"model\.moe\.num_experts=4 .*unless model\.ffn='moe'"),
-    (dict(ffn='swiglu', moe=dict(jitter=0.1)), r"model\.moe\.jitter=0\.1 .*unless model\.ffn='moe'"),
+    (dict(ffn='swiglu', moe=dict(jitter=0.1)),
+     r"model\.moe\.jitter=0\.1 .*unless model\.ffn='moe'"),
     (dict(ffn='moe', moe=dict(top_k=1)), r'model\.moe\.renormalize=True .*no gradient'),
     (dict(ffn='moe', moe=dict(every=3)), r'model\.moe\.every=3 .*num_layers=2'),
     (dict(ffn='moe', num_layers=3, scan_layers=True, moe=dict(every=2)), r'model\.moe\.every=2'),
@@ -442,7 +444,8 @@ def test_dropless_values_and_the_expert_axis_check():
     step.make_trainer(bad)
   # Meshes without an 'expert' axis drop it from the rules.
   assert C.MeshConfig().axes_of('batch') == ('data', 'fsdp')
-  assert cfg.mesh.axes_of('batch') == ('data', 'expert') and cfg.mesh.axes_of('expert') == ('expert',)
+  assert cfg.mesh.axes_of('batch') == ('data', 'expert')
+  assert cfg.mesh.axes_of('expert') == ('expert',)
 
 
 def test_moe_and_deepnorm_are_study_variants(tmp_path):
