@@ -198,7 +198,7 @@ def test_the_cache_is_sharded_like_the_activations(tiny):
   stepper = engine.Stepper(cfg, DecodeConfig(max_new_tokens=4), prompt_len=6)
 
   def prefill(params, prompt, lengths):
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(mesh_cfg.rules):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(mesh_cfg.active_rules):
       return stepper.prefill(params, prompt, lengths)
   batch = sharding.batch_sharding(mesh, mesh_cfg)
   rows = jax.sharding.NamedSharding(mesh, P(batch.spec[0]))
