@@ -53,7 +53,7 @@ class Attention(nn.Module):
           q_blk, k_blk, v_blk, q_pos=q_pos, k_pos=k_pos, q_segments=q_seg, k_segments=k_seg,
           bias_fn=bias_fn, mask=mask, chunk=cfg.attention_chunk,
           length_scale_base=cfg.length_scale_base if cfg.length_scaled_logits else 0,
-          backend=cfg.attention_backend)
+          backend=cfg.attention_backend, context_parallel=cfg.context_parallel)
 
     t = x_BxTxD.shape[1]
     block = cfg.rope_original_length

@@ -16,6 +16,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from lcr import losses, matmul_layout, optim, sharding
+from lcr.attention import context_parallel
 from lcr.config import Config
 from lcr.model import TransformerLM
 
@@ -158,10 +159,14 @@ def make_trainer(config: Config, mesh: Mesh | None = None) -> Trainer:
   state_sharding = TrainState(step=repl, params=p_shardings, opt_state=opt_shardings)
   batch_sharding = sharding.batch_sharding(mesh, config.mesh)
   metric_sharding = repl
-  train_step = jax.jit(_under_axis_rules(make_train_step(model, tx, schedule, config.seed), mesh, config),
+  # With the sequence sharded, every batch is first put in causal load-balanced order.
+  cp = context_parallel.trainer_size(config, dict(mesh.shape))
+  train_step = context_parallel.balanced(make_train_step(model, tx, schedule, config.seed), cp)
+  eval_step = context_parallel.balanced(make_eval_step(model), cp)
+  train_step = jax.jit(_under_axis_rules(train_step, mesh, config),
                        in_shardings=(state_sharding, batch_sharding),
                        out_shardings=(state_sharding, metric_sharding), donate_argnums=0)
-  eval_step = jax.jit(_under_axis_rules(make_eval_step(model), mesh, config), in_shardings=(p_shardings, batch_sharding),
+  eval_step = jax.jit(_under_axis_rules(eval_step, mesh, config), in_shardings=(p_shardings, batch_sharding),
                       out_shardings=metric_sharding)
   init = jax.jit(functools.partial(_init_state, model, tx, config.train.seq_len),
                  out_shardings=state_sharding)
