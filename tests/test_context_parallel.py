@@ -207,6 +207,11 @@ def test_sequence_sharded_train_step_equals_the_one_device_step(method, shape, o
   assert dict(trainer.mesh.shape) == {'data': shape[0], 'sequence': shape[1]}
   history, params, batch = _two_steps(trainer, _batch(cfg))
   assert batch['inputs'].addressable_shards[0].data.shape == (4 // shape[0], T // shape[1])
+  # Wiring: the step gathers the batch into balanced order, and attention runs the method's
+  # collective (XLA alone would also compute the right numbers from a sharded sequence).
+  text = trainer.train_step.lower(trainer.abstract_state(), batch).as_text()
+  assert f'dense<[{", ".join(map(str, cp.balance_order(T, shape[1])))}]>' in text
+  assert {'ring': 'stablehlo.collective_permute', 'all_gather': 'stablehlo.all_gather'}[method] in text
   ref_history, ref_params, _ = one_device_steps
   for got, ref in zip(history, ref_history):
     for name in ('loss', 'grad_norm'):
@@ -228,6 +233,7 @@ def _step_memory(cfg: C.Config, devices) -> int:
                                    sharding=trainer.batch_sharding)
            for k in ('inputs', 'targets', 'weights', 'positions', 'segment_ids')}
   compiled = trainer.train_step.lower(trainer.abstract_state(), batch).compile()
+  assert 'ynn_fusion' not in compiled.as_text()   # step.CPU_COMPILER_OPTIONS reached XLA
   return compiled.memory_analysis().temp_size_in_bytes
 
 
