@@ -91,6 +91,8 @@ FFNS = DENSE_FFNS + ('moe',)
 DTYPES = ('float32', 'bfloat16', 'float16')
 ATTENTION_BACKENDS = ('auto', 'xla', 'chunked', 'cpu_flash', 'cudnn', 'splash')
 ATTENTION_VARIANTS = ('causal', 'sliding', 'longformer', 'bigbird', 'sinks', 'blockwise')
+# How attention runs when the mesh shards the sequence (lcr.attention.context_parallel).
+CONTEXT_PARALLEL = ('none', 'ring', 'all_gather')
 
 
 DROPLESS = (0.0, -1.0)   # moe.capacity_factor values that mean "no capacity limit"
@@ -171,6 +173,7 @@ class ModelConfig:
   attention_chunk: int = 512       # chunked backend: queries and keys per tile.
   length_scaled_logits: bool = False  # q·k × max(1, log(p + 1) / log(length_scale_base)).
   length_scale_base: int = 0       # the training length for length_scaled_logits (> 1).
+  context_parallel: str = 'none'   # 'ring' | 'all_gather' when the mesh shards 'length'.
   norm: str = 'layernorm'
   norm_placement: str = 'pre'
   ffn: str = 'mlp'
@@ -267,6 +270,11 @@ class ModelConfig:
     if self.length_scaled_logits and self.length_scale_base <= 1:
       fail('model.length_scale_base', self.length_scale_base,
            'model.length_scaled_logits=True needs the training length (> 1)')
+    check_choice('model.context_parallel', self.context_parallel, CONTEXT_PARALLEL)
+    if self.context_parallel != 'none' and self.rope_scaling == 'dynamic_ntk':
+      fail('model.context_parallel', self.context_parallel,
+           "rope_scaling='dynamic_ntk' slices queries by index, which a sharded, load-balanced "
+           "sequence does not keep; use 'none' (dynamic NTK is an evaluation-time scaling)")
     if self.attention_backend == 'cudnn' and self.dtype not in ('bfloat16', 'float16'):
       fail('model.attention_backend', self.attention_backend,
            f'cuDNN flash attention needs model.dtype bfloat16 or float16, not {self.dtype}')
@@ -470,9 +478,11 @@ class TrainConfig:
 
 MeshRule = tuple[str, Any]   # (logical axis name, mesh axis | tuple of mesh axes | None)
 
-# The mesh axes lcr's default rules name. A mesh may leave any of them out (e.g. axes
-# ('data', 'expert')); rules then drop it (see MeshConfig.active_rules).
-KNOWN_MESH_AXES = ('data', 'fsdp', 'tensor', 'expert')
+# Mesh axes the rules may name whether or not ``mesh.axes`` has them. A mesh may leave any of them
+# out (e.g. axes ('data', 'expert')): it then has size 1 there, and MeshConfig.active_rules drops
+# the rules' mention of it (the default rules name 'expert' and 'sequence'; the default mesh has
+# neither).
+KNOWN_MESH_AXES = ('data', 'fsdp', 'tensor', 'expert', 'sequence')
 
 DEFAULT_RULES: tuple[MeshRule, ...] = (
     # Expert parallelism (GShard, Lepikhin et al. 2020 §2.2): experts over 'expert', and the batch
@@ -485,7 +495,7 @@ DEFAULT_RULES: tuple[MeshRule, ...] = (
     ('kv_heads', 'tensor'),
     ('mlp', 'tensor'),
     ('vocab', 'tensor'),
-    ('length', None),
+    ('length', 'sequence'),
     ('kv', None),
     ('layers', None),
 )
@@ -501,7 +511,9 @@ class MeshConfig:
   """The device mesh: one size per named axis (one size may be -1 = the remaining devices).
 
   ``rules`` map the model's logical axis names onto mesh axes, in order of precedence (flax
-  ``logical_to_mesh``); a logical axis no rule names is replicated.
+  ``logical_to_mesh``); a logical axis no rule names is replicated. Rules may name any of
+  ``KNOWN_MESH_AXES``; those the mesh lacks are dropped (e.g. 'length' → 'sequence' only shards
+  the sequence when ``axes`` has a 'sequence' axis).
   """
   axes: tuple[str, ...] = ('data', 'fsdp', 'tensor')
   shape: tuple[int, ...] = (-1, 1, 1)
@@ -513,8 +525,8 @@ class MeshConfig:
     except (TypeError, ValueError):
       fail('mesh.rules', self.rules, "expected pairs (logical_axis, mesh_axes), e.g. "
            "(('batch', ('data', 'fsdp')), ('embed', 'fsdp'))")
-    object.__setattr__(self, 'rules', rules)
     object.__setattr__(self, 'axes', tuple(self.axes))
+    object.__setattr__(self, 'rules', rules)
     object.__setattr__(self, 'shape', tuple(self.shape))
     if len(set(self.axes)) != len(self.axes) or not all(isinstance(a, str) for a in self.axes):
       fail('mesh.axes', self.axes, 'expected distinct axis names')
@@ -524,7 +536,7 @@ class MeshConfig:
       fail('mesh.shape', self.shape, 'sizes must be positive integers, or -1 for one axis')
     if list(self.shape).count(-1) > 1:
       fail('mesh.shape', self.shape, 'at most one size may be -1 (the remaining devices)')
-    for name, axes in rules:
+    for name, axes in self.rules:
       for axis in (axes if isinstance(axes, tuple) else (axes,)):
         if axis is not None and axis not in self.axes and axis not in KNOWN_MESH_AXES:
           fail('mesh.rules', (name, axes), f'names mesh axis {axis!r}, not one of {self.axes}')

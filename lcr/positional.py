@@ -26,6 +26,21 @@ BiasFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
+class Bias:
+  """A logit bias ``(q_pos, k_pos) → [B|1, H, T, S]`` whose learned arrays are explicit:
+  ``fn(q_pos, k_pos, *params)``. Sharded attention passes ``params`` into ``shard_map`` (which
+  cannot close over traced arrays) and rebinds them with :meth:`with_params`."""
+  fn: Callable[..., jax.Array]
+  params: tuple[jax.Array, ...] = ()
+
+  def __call__(self, q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
+    return self.fn(q_pos, k_pos, *self.params)
+
+  def with_params(self, params) -> Bias:
+    return dataclasses.replace(self, params=tuple(params))
+
+
+@dataclasses.dataclass(frozen=True)
 class Encoding:
   name: str
   kind: str      # 'none' | 'absolute' | 'rotary' | 'bias'
@@ -264,7 +279,7 @@ def alibi_bias(num_heads: int) -> BiasFn:
   def bias_fn(q_pos_BxT, k_pos_BxS):
     distance = (q_pos_BxT[:, :, None] - k_pos_BxS[:, None, :]).astype(jnp.float32)
     return -slopes[None, :, None, None] * distance[:, None]
-  return bias_fn
+  return Bias(bias_fn)
 
 
 def t5_bucket(q_pos: jax.Array, k_pos: jax.Array, num_buckets: int, max_distance: int):
@@ -292,10 +307,10 @@ class T5Table(nn.Module):
 
 
 def t5_bias(cfg: ModelConfig, table: jax.Array) -> BiasFn:
-  def bias_fn(q_pos_BxT, k_pos_BxS):
+  def bias_fn(q_pos_BxT, k_pos_BxS, table):
     buckets = t5_bucket(q_pos_BxT, k_pos_BxS, cfg.t5_num_buckets, cfg.t5_max_distance)
     return jnp.moveaxis(table.astype(jnp.float32)[buckets], -1, 1)     # [B, H, T, S]
-  return bias_fn
+  return Bias(bias_fn, (table,))
 
 
 def bias_fn(cfg: ModelConfig, table: jax.Array | None) -> BiasFn | None:

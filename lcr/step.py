@@ -16,6 +16,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from lcr import layers, losses, matmul_layout, moe, optim, sharding
+from lcr.attention import context_parallel
 from lcr.config import Config
 from lcr.model import TransformerLM
 
@@ -27,6 +28,10 @@ MODEL_METRICS = layers.MODEL_METRICS
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
+
+# XLA:CPU's YNNPACK library fusions (dots, reductions, element-wise ops) made the train step 5–10 %
+# slower than XLA's own emitters (docs/performance.md); the steps are compiled without them.
+CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
 
 
 @flax.struct.dataclass
@@ -175,11 +180,17 @@ def make_trainer(config: Config, mesh: Mesh | None = None) -> Trainer:
   state_sharding = TrainState(step=repl, params=p_shardings, opt_state=opt_shardings)
   batch_sharding = sharding.batch_sharding(mesh, config.mesh)
   metric_sharding = repl
-  train_step = jax.jit(_under_axis_rules(make_train_step(model, tx, schedule, config.seed), mesh, config),
+  # With the sequence sharded, every batch is first put in causal load-balanced order.
+  cp = context_parallel.trainer_size(config, dict(mesh.shape))
+  train_step = context_parallel.balanced(make_train_step(model, tx, schedule, config.seed), cp)
+  eval_step = context_parallel.balanced(make_eval_step(model), cp)
+  options = CPU_COMPILER_OPTIONS if mesh.devices.flat[0].platform == 'cpu' else None
+  train_step = jax.jit(_under_axis_rules(train_step, mesh, config),
                        in_shardings=(state_sharding, batch_sharding),
-                       out_shardings=(state_sharding, metric_sharding), donate_argnums=0)
-  eval_step = jax.jit(_under_axis_rules(make_eval_step(model), mesh, config), in_shardings=(p_shardings, batch_sharding),
-                      out_shardings=metric_sharding)
+                       out_shardings=(state_sharding, metric_sharding), donate_argnums=0,
+                       compiler_options=options)
+  eval_step = jax.jit(_under_axis_rules(eval_step, mesh, config), in_shardings=(p_shardings, batch_sharding),
+                      out_shardings=metric_sharding, compiler_options=options)
   init = jax.jit(functools.partial(_init_state, model, tx, config.train.seq_len),
                  out_shardings=state_sharding)
   num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params))

@@ -35,4 +35,4 @@ def attend(cfg: ModelConfig, q, k, v, q_pos, k_pos, q_seg, k_seg, bias_fn, *,
   return attention.attend(
       q, k, v, q_pos=q_pos, k_pos=k_pos, q_segments=q_seg, k_segments=k_seg, bias_fn=bias_fn,
       mask=mask, chunk=cfg.attention_chunk, length_scale_base=length_scale_base,
-      backend=cfg.attention_backend)
+      backend=cfg.attention_backend, context_parallel=cfg.context_parallel)
