@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from lcr import checkpoint, evaluate
+from lcr import checkpoint, evaluate, peft
 from lcr.config import EvalConfig
 
 EVAL_FILE = 'eval.jsonl'
@@ -26,11 +26,12 @@ def evaluate_workdir(workdir: str, eval_cfg: EvalConfig) -> list[dict[str, Any]]
   from lcr import data as data_lib  # only evaluation of a trained workdir needs the corpus
 
   params, saved = checkpoint.load_params(workdir)
+  params, model_fn = peft.for_evaluation(params, saved.peft)   # LoRA merged into the base
   tokenizer = data_lib.get_tokenizer(saved.data)
   split = data_lib.load_eval_tokens(saved.data, eval_cfg.split)
   stream = evaluate.stream_from_offsets(np.asarray(split.tokens, np.int32), split.doc_offsets)
   train_len = saved.train.seq_len
-  evaluator = evaluate.Evaluator(params, saved.model, eval_cfg, train_len)
+  evaluator = evaluate.Evaluator(params, saved.model, eval_cfg, train_len, model_fn)
   rows = []
   for task in evaluate.plan_tasks(saved.model, eval_cfg, train_len):
     start = time.perf_counter()
