@@ -31,7 +31,8 @@ from typing import Any
 from absl import logging
 
 from lcr import checkpoint, evaluate, peft, results
-from lcr.config import ROPE_SCALINGS, Config, ConfigError, check_choice, from_config_dict, to_dict
+from lcr.config import (ROPE_SCALINGS, Config, ConfigError, check_choice, from_config_dict,
+                        from_mapping, to_dict)
 
 EXTEND_DIR = 'extend'
 EMBED_AND_NORMS = 'token_embedding|norm'   # LongLoRA §3.3: embeddings and normalisation layers
@@ -63,6 +64,7 @@ class ExtendSpec:
   methods: tuple[str, ...] = ('full', 'lora', 'lora_embed_norm')
   factor: int = 4
   steps: int = 200
+  eval_every: int = 0          # also evaluate the checkpoints every this many steps (0: last only)
   # {section: {field: value}} on top of every fine-tune's config, e.g. {'train': {'lr': 1e-3}}.
   overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -80,6 +82,15 @@ class ExtendSpec:
                         'length is factor × train.seq_len, so factor must be >= 2')
     if self.steps < 1:
       raise ConfigError(f'config field study.extend.steps={self.steps} is invalid: must be > 0')
+    if not 0 <= self.eval_every <= self.steps:
+      raise ConfigError(f'config field study.extend.eval_every={self.eval_every} is invalid: must '
+                        f'be in [0, study.extend.steps={self.steps}]')
+
+  @property
+  def eval_steps(self) -> tuple[int, ...]:
+    """The fine-tuning steps whose checkpoints are evaluated."""
+    every = tuple(range(self.eval_every, self.steps, self.eval_every)) if self.eval_every else ()
+    return every + (self.steps,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +104,7 @@ class Run:
   base_dir: str
   train_len: int                   # the variant's training length L
   eval_lengths: tuple[int, ...]    # the variant's evaluation lengths
+  eval_steps: tuple[int, ...]      # the checkpoints evaluated
 
   @property
   def directory(self) -> str:
@@ -112,7 +124,8 @@ def run_config(base: Config, base_dir: str, spec: ExtendSpec, scaling: str, meth
   scaled = scaling != 'none'
   values = _merge(copy.deepcopy(to_dict(base)), {
       'train': {'seq_len': length, 'steps': spec.steps, 'init_from': os.path.abspath(base_dir),
-                'init_extend_positions': True},
+                'init_extend_positions': True, 'checkpoint_every': spec.eval_every,
+                'keep_checkpoints': len(spec.eval_steps)},
       'model': {'rope_scaling': scaling, 'rope_factor': float(spec.factor) if scaled else 1.0,
                 'rope_original_length': base.train.seq_len if scaled else 0},
       'eval': {'passkey': False}})
@@ -123,7 +136,7 @@ def run_config(base: Config, base_dir: str, spec: ExtendSpec, scaling: str, meth
 def plan(values: Mapping[str, Any], study: Any, workdir: str) -> dict[str, Run]:
   """{run name: Run} of ``study.extend`` ({} without it)."""
   from lcr import study as study_lib
-  spec = ExtendSpec(**study.extend) if study.extend else ExtendSpec()
+  spec = from_mapping(ExtendSpec, study.extend, 'study.extend')
   jobs = {job.name: job for job in study.jobs()}
   runs = {}
   for variant in spec.variants:
@@ -142,7 +155,7 @@ def plan(values: Mapping[str, Any], study: Any, workdir: str) -> dict[str, Run]:
         config = run_config(base, base_dir, spec, scaling, method)
         name = f'{variant}.{scaling}.{method}.L{config.train.seq_len}.s{spec.steps}'
         runs[name] = Run(name, job.variant, scaling, method, config, base_dir,
-                         base.train.seq_len, lengths)
+                         base.train.seq_len, lengths, spec.eval_steps)
   return runs
 
 
@@ -162,36 +175,39 @@ def run(run_: Run, workdir: str, *, writer: bool = True) -> int:
   return evaluate_run(run_, workdir, writer=writer)
 
 
-def _labels(run_: Run, model_cfg: Any, counts: tuple[int, int]) -> dict[str, Any]:
+def _labels(run_: Run, step: int) -> dict[str, Any]:
   c = run_.config
-  return dict(variant=run_.variant, pos=model_cfg.pos, seed=c.seed, train_len=run_.train_len,
-              rope_scaling=run_.scaling, rope_factor=evaluate.effective_factor(model_cfg),
-              finetune_method=run_.method, finetune_steps=c.train.steps,
-              finetune_len=c.train.seq_len, trainable_params=counts[0], total_params=counts[1])
+  return dict(variant=run_.variant, pos=c.model.pos, seed=c.seed, train_len=run_.train_len,
+              rope_scaling=run_.scaling, rope_factor=evaluate.effective_factor(c.model),
+              finetune_method=run_.method, finetune_steps=step, finetune_len=c.train.seq_len)
 
 
 def evaluate_run(run_: Run, workdir: str, *, writer: bool = True) -> int:
-  """Perplexity of the fine-tuned model at the variant's lengths, into extension.jsonl."""
+  """Perplexity of the fine-tuned checkpoints at the variant's lengths, into extension.jsonl."""
   from lcr import study as study_lib
   path = os.path.join(workdir, results.EXTENSION)
   done = {results.row_key(r, results.EXTENSION_KEY_FIELDS) for r in results.read_rows(path)}
-  params, saved = checkpoint.load_params(run_.directory)
-  labels = _labels(run_, saved.model, peft.count(saved.peft, params))
   eval_cfg = dataclasses.replace(run_.config.eval, lengths=run_.eval_lengths, rope_scalings=('none',))
-  length = run_.config.train.seq_len
-  tasks = [t for t in evaluate.plan_tasks(saved.model, eval_cfg, length)
-           if results.row_key({**labels, 'protocol': t.protocol, 'stride': t.stride,
-                               'eval_len': t.eval_len}, results.EXTENSION_KEY_FIELDS) not in done]
-  if not tasks:
-    return 0
-  params, model_fn = peft.for_evaluation(params, saved.peft)
-  evaluator = evaluate.Evaluator(params, saved.model, eval_cfg, length, model_fn)
-  data = study_lib.EvalData.load(run_.config)
-  for task in tasks:
-    scores = evaluator.perplexity(task, data.stream, data.byte_lengths)
-    row = {**labels, 'protocol': task.protocol, 'stride': task.stride, 'eval_len': task.eval_len,
-           **evaluate.score_fields(scores), 'split': eval_cfg.split}
-    if writer:
-      results.append_rows(path, [row])
-    logging.info('%s L=%d: ppl %.3f', run_.name, task.eval_len, scores.ppl)
-  return len(tasks)
+  length, data, written = run_.config.train.seq_len, None, 0
+  for step in run_.eval_steps:
+    labels = _labels(run_, step)
+    tasks = [t for t in evaluate.plan_tasks(run_.config.model, eval_cfg, length)
+             if results.row_key({**labels, 'protocol': t.protocol, 'stride': t.stride,
+                                 'eval_len': t.eval_len}, results.EXTENSION_KEY_FIELDS) not in done]
+    if not tasks:
+      continue
+    params, saved = checkpoint.load_params(run_.directory, step)
+    trainable, total = peft.count(saved.peft, params)
+    params, model_fn = peft.for_evaluation(params, saved.peft)
+    evaluator = evaluate.Evaluator(params, saved.model, eval_cfg, length, model_fn)
+    data = data or study_lib.EvalData.load(run_.config)
+    for task in tasks:
+      scores = evaluator.perplexity(task, data.stream, data.byte_lengths)
+      row = {**labels, 'protocol': task.protocol, 'stride': task.stride, 'eval_len': task.eval_len,
+             **evaluate.score_fields(scores), 'split': eval_cfg.split,
+             'trainable_params': trainable, 'total_params': total}
+      if writer:
+        results.append_rows(path, [row])
+      logging.info('%s step %d L=%d: ppl %.3f', run_.name, step, task.eval_len, scores.ppl)
+    written += len(tasks)
+  return written

@@ -63,11 +63,12 @@ def _encode(tokenizer: Tokenizer, text: str) -> np.ndarray:
 
 
 def make_example(tokenizer: Tokenizer, length: int, depth: float, key: int, fmt: str = 'mj',
-                 bos_id: int | None = None) -> PasskeyExample:
+                 bos_id: int | None = None, filler_offset: int = 0) -> PasskeyExample:
   """A prompt of exactly ``length`` tokens with ``key`` after a fraction ``depth`` of the filler.
 
   depth 0 puts the needle first (farthest from the question), depth 1 right before the question.
-  Filler is the repeated filler text cut to the tokens left over; ``bos_id`` starts the row.
+  Filler is the repeated filler text cut to the tokens left over, starting ``filler_offset``
+  tokens into it; ``bos_id`` starts the row.
   """
   if not 10_000 <= key <= 99_999:
     raise ValueError(f'the pass key must have 5 digits, got {key}')
@@ -82,7 +83,8 @@ def make_example(tokenizer: Tokenizer, length: int, depth: float, key: int, fmt:
   if n_fill < 0:
     raise ValueError(f'a {fmt!r} passkey prompt needs at least {fixed} tokens, asked for {length}')
   unit = _encode(tokenizer, f.filler)
-  filler = np.tile(unit, -(-n_fill // len(unit)))[:n_fill]
+  start = filler_offset % len(unit)
+  filler = np.tile(unit, -(-(start + n_fill) // len(unit)))[start:start + n_fill]
   cut = int(round(depth * n_fill))
   tokens = np.concatenate(head + [filler[:cut], needle, filler[cut:]] + tail)
   return PasskeyExample(tokens, length - len(tail[1]), key, depth)

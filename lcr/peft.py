@@ -62,7 +62,7 @@ def is_peft_param(name: str) -> bool:
 
 
 class Adapter(nn.Module):
-  """Houlsby et al. 2019 §2.1: h + W_up·GELU(W_down·h + b_down) + b_up, exactly h at initialisation."""
+  """Houlsby et al. 2019 §2.1: h + W_up·GELU(W_down·h + b_down) + b_up; exactly h at first."""
   dim: int
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -183,7 +183,7 @@ def optimizer(cfg: PeftConfig, tx: optax.GradientTransformation) -> optax.Gradie
 
 
 def stop_frozen_gradients(cfg: PeftConfig) -> Callable[[Any], Any]:
-  """params ↦ params with the frozen ones behind ``stop_gradient`` (identity when nothing is frozen)."""
+  """params ↦ params with the frozen ones behind ``stop_gradient`` (identity if none is frozen)."""
   if cfg.method == 'none':
     return lambda params: params
 

@@ -251,13 +251,23 @@ def depth_markdown(rows: Sequence[Row], value: str, title: str) -> list[str]:
   return out + _table(mean, lengths, 0, order) + ['']
 
 
+def _final_steps(ext_rows: Sequence[Row]) -> list[Row]:
+  """Non-overlapping rows of each fine-tune's last evaluated step."""
+  rows = [r for r in _latest(ext_rows, EXTENSION_KEY_FIELDS) if r['protocol'] == 'nonoverlapping']
+  last: dict[tuple, int] = defaultdict(int)
+  for r in rows:
+    key = (r['variant'], r['rope_scaling'], r['finetune_method'])
+    last[key] = max(last[key], r['finetune_steps'])
+  return [r for r in rows
+          if r['finetune_steps'] == last[(r['variant'], r['rope_scaling'], r['finetune_method'])]]
+
+
 def extension_series(ext_rows: Sequence[Row], lm_rows: Sequence[Row]) -> dict[tuple, dict]:
   """{(variant, scaling, method): {'steps', 'len', 'trainable', 'ppl': {eval_len: [ppl]}}}: the
-  fine-tunes, and each (variant, scaling)'s evaluation-time-only curve (method EVAL_TIME_ONLY)."""
+  fine-tunes at their last step, and each (variant, scaling)'s evaluation-time-only curve (method
+  EVAL_TIME_ONLY)."""
   out: dict[tuple, dict] = {}
-  for r in _latest(ext_rows, EXTENSION_KEY_FIELDS):
-    if r['protocol'] != 'nonoverlapping':
-      continue
+  for r in _final_steps(ext_rows):
     key = (r['variant'], r['rope_scaling'], r['finetune_method'])
     entry = out.setdefault(key, {'steps': r['finetune_steps'], 'len': r['finetune_len'],
                                  'train_len': r['train_len'],
@@ -303,4 +313,25 @@ def extension_markdown(ext_rows: Sequence[Row], lm_rows: Sequence[Row]) -> list[
     cells = ' | '.join(_fmt(e['ppl'].get(n, [])) for n in lengths)
     trainable = f'{100 * e["trainable"]:.1f} %' if key[2] != EVAL_TIME_ONLY else '—'
     out.append(f'| {key[0]} | {key[1]} | {key[2]} | {e["steps"]} | {trainable} | {cells} |')
+  return out + [''] + extension_steps_markdown(ext_rows, series)
+
+
+def extension_steps_markdown(ext_rows: Sequence[Row], series: dict[tuple, dict]) -> list[str]:
+  """Perplexity at the fine-tuning length after each evaluated number of steps (0: eval-time only)."""
+  rows = [r for r in _latest(ext_rows, EXTENSION_KEY_FIELDS)
+          if r['protocol'] == 'nonoverlapping' and r['eval_len'] == r['finetune_len']]
+  steps = sorted({r['finetune_steps'] for r in rows})
+  if len(steps) < 2:
+    return []
+  table: dict[tuple, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+  for r in rows:
+    table[(r['variant'], r['rope_scaling'], r['finetune_method'])][r['finetune_steps']].append(r['ppl'])
+  out = ['Perplexity at the fine-tuning length by fine-tuning steps (0: evaluation-time scaling only):',
+         '', '| variant | scaling | method | ' + ' | '.join(['0'] + [str(n) for n in steps]) + ' |',
+         '|---|---|---|' + '---:|' * (len(steps) + 1)]
+  for key in sorted(table, key=lambda k: (k[0], scaling_rank(k[1]), k[2])):
+    length = next(r['finetune_len'] for r in rows if (r['variant'], r['rope_scaling']) == key[:2])
+    before = series.get((key[0], key[1], EVAL_TIME_ONLY), {'ppl': {}})['ppl'].get(length, [])
+    cells = [_fmt(before)] + [_fmt(table[key].get(n, [])) for n in steps]
+    out.append(f'| {key[0]} | {key[1]} | {key[2]} | ' + ' | '.join(cells) + ' |')
   return out + ['']

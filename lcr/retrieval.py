@@ -76,7 +76,8 @@ def evaluate_task(config: Config, evaluator: evaluate.Evaluator, labels: dict[st
       model_cfg = evaluator.config(scaling, length)
       records = recall_accuracy(
           evaluator.apply_fn(model_cfg), task, length=length, depths=ec.passkey_depths,
-          trials=ec.passkey_trials, batch_size=evaluate.windows_per_batch(ec.batch_size, train_len, length),
+          trials=ec.passkey_trials,
+          batch_size=evaluate.windows_per_batch(ec.batch_size, train_len, length),
           max_position=evaluate.learned_position_limit(evaluator.model_cfg, ec, train_len, length))
       extra = ({'format': config.data.passkey_format} if task.name == 'passkey' else {})
       rows = [{**base, **extra, 'rope_factor': evaluate.effective_factor(model_cfg), **r,

@@ -62,9 +62,11 @@ class Study:
       if not re.fullmatch(r'[A-Za-z0-9_.-]+', v):
         raise ConfigError(f'config field study.variants has {v!r}: names are directory names '
                           '(letters, digits, _ . -)')
-    unknown = sorted(set(self.overrides) - set(self.variants))
+    from lcr.data import config as data_config   # the data room imports lcr.config: import lazily
+    unknown = sorted(set(self.overrides) - set(self.variants) - set(data_config.TASKS))
     if unknown:
-      raise ConfigError(f'config field study.overrides names {unknown}, not in study.variants')
+      raise ConfigError(f'config field study.overrides names {unknown}, not in study.variants '
+                        f'(nor a task of {data_config.TASKS})')
     if self.parallel < 1:
       raise ConfigError(f'config field study.parallel={self.parallel} is invalid: must be >= 1')
     if not 0.0 <= self.passkey_mix < 1.0:
@@ -73,7 +75,6 @@ class Study:
     if self.passkey_mix_format not in passkey.FORMATS:
       raise ConfigError(f'config field study.passkey_mix_format={self.passkey_mix_format!r} is '
                         f'invalid: allowed values are {sorted(passkey.FORMATS)}')
-    from lcr.data import config as data_config   # the data room imports lcr.config: import lazily
     for task in self.tasks:
       check_choice('study.tasks', task, data_config.TASKS)
     if len(set(self.tasks)) != len(self.tasks):
@@ -131,7 +132,7 @@ def passkey_lengths(config: Config) -> tuple[int, ...]:
 def variant_config(values: Mapping[str, Any], study: Study, variant: str,
                    task: str | None = None) -> Config:
   """The run config of one variant: model.pos = the variant's name unless its overrides set it;
-  data.task = ``task`` when given.
+  data.task = ``task`` when given. ``study.overrides`` of the task, then of the variant, apply.
 
   A learned table is sized to the longest evaluation length; its rows past L get no gradient, and
   ``eval.learned_positions`` (recorded in every row) says whether evaluation clamps positions to
@@ -139,7 +140,7 @@ def variant_config(values: Mapping[str, Any], study: Study, variant: str,
   """
   merged = _merge(copy.deepcopy(dict(values)), {'model': {'pos': variant}})
   if task is not None:
-    merged = _merge(merged, {'data': {'task': task}})
+    merged = _merge(_merge(merged, {'data': {'task': task}}), study.overrides.get(task, {}))
   config = from_config_dict(_merge(merged, study.overrides.get(variant, {})))
   if config.model.pos == 'learned':
     longest = max((config.train.seq_len, *config.eval.eval_lengths(config.train.seq_len),

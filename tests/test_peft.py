@@ -51,7 +51,8 @@ def with_random_lora_b(params, seed=1):
   return jax.tree_util.tree_map_with_path(fill, params)
 
 
-@pytest.mark.parametrize('peft_cfg, atol', [(LORA, 0.0), (PeftConfig(method='adapter', adapter_dim=5), 1e-6)])
+@pytest.mark.parametrize('peft_cfg, atol', [
+    (LORA, 0.0), (PeftConfig(method='adapter', adapter_dim=5), 1e-6)])
 def test_the_initial_model_is_the_base(peft_cfg, atol):
   """B = 0 adds exactly zero; an adapter's identity is exact too (see the next tests), but the
   compiled graphs differ, so XLA may round the unchanged sums differently (1e-6)."""
@@ -148,13 +149,16 @@ def trained_lora():
   inputs = rng.integers(0, V, size=(8, 12))
   batch = dict(inputs=inputs, targets=np.roll(inputs, -1, 1), positions=np.tile(np.arange(12), (8, 1)),
                segment_ids=np.ones((8, 12), np.int32), weights=np.ones((8, 12), np.float32))
+  batch = train.sharding.global_batch(batch, trainer.batch_sharding)
+  grad_norms = []
   for _ in range(2):
-    state, _ = trainer.train_step(state, train.sharding.global_batch(batch, trainer.batch_sharding))
-  return config, trainer, before, state
+    state, metrics = trainer.train_step(state, batch)
+    grad_norms.append(float(metrics['grad_norm']))
+  return config, trainer, before, state, batch, grad_norms
 
 
 def test_base_is_bit_identical_after_training_and_holds_no_optimizer_state(trained_lora):
-  config, trainer, before, state = trained_lora
+  config, trainer, before, state, _, _ = trained_lora
   after = jax.device_get(state.params)
   mask = jax.tree.leaves(peft.trainable_mask(config.peft, before))
   for trains, b, a, (path, _) in zip(mask, jax.tree.leaves(before), jax.tree.leaves(after),
@@ -171,8 +175,25 @@ def test_base_is_bit_identical_after_training_and_holds_no_optimizer_state(train
   assert state_values == 2 * trainable
 
 
+def test_reported_gradient_norm_is_over_the_trainable_parameters(trained_lora):
+  """The backward pass stops at the frozen parameters: |g| covers the trainable ones only."""
+  config, trainer, before, _, batch, grad_norms = trained_lora
+  batch = jax.device_get(batch)
+
+  def loss(params):
+    logits, _ = step.forward(trainer.model, params, batch)
+    total, weights = step.losses.cross_entropy(logits, batch['targets'], batch['weights'])
+    return total / weights
+  grads = jax.device_get(jax.jit(jax.grad(loss), compiler_options=FAST_COMPILE)(before))
+  mask = jax.tree.leaves(peft.trainable_mask(config.peft, before))
+  squares = [np.sum(np.square(g, dtype=np.float64)) for g in jax.tree.leaves(grads)]
+  want = math.sqrt(sum(sq for sq, t in zip(squares, mask) if t))
+  assert math.sqrt(sum(squares)) > 1.5 * want          # the frozen gradients would show
+  np.testing.assert_allclose(grad_norms[0], want, rtol=1e-4)
+
+
 def test_checkpoint_restores_the_peft_state(trained_lora, tmp_path):
-  _, trainer, _, state = trained_lora
+  _, trainer, _, state, _, _ = trained_lora
   ckpt = checkpoint.Checkpointer(str(tmp_path), 1)
   ckpt.save(2, state, _Iter())
   ckpt.wait()
@@ -207,9 +228,7 @@ def save_run(workdir, config, params, step_=3):
   """A finished run in ``workdir``: config.json and a checkpoint of ``params`` at ``step_``."""
   os.makedirs(workdir, exist_ok=True)
   checkpoint.write_config(workdir, config)
-  trainer = step.make_trainer(config)
-  state = trainer.init_state()
-  state = state.replace(params=jax.device_put(params, trainer.state_sharding.params))
+  state = step.TrainState(step=jnp.asarray(step_), params=jax.device_put(params), opt_state={})
   ckpt = checkpoint.Checkpointer(workdir, 1)
   ckpt.save(step_, state, _Iter())
   ckpt.close()

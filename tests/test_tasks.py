@@ -48,13 +48,22 @@ def test_mqar_layout_answers_and_depth(queries):
     assert not np.isin(ex.tokens[start + 6:], values).any()
 
 
-def test_passkey_task_answers_are_the_key():
-  ex = tasks.Passkey(Bytes(), 'compact', None).example(np.random.default_rng(0), 80, 0.5)
-  text = bytes(ex.tokens.tolist()).decode()
-  key = text[-5:]
-  assert key.isdigit() and f'The pass key is {key}. ' in text
-  assert bytes(ex.targets[ex.answers].tolist()).decode() == key
-  np.testing.assert_array_equal(ex.targets, ex.tokens[1:])
+def test_passkey_task_answers_are_the_key_and_its_filler_starts_anywhere():
+  task = tasks.Passkey(Bytes(), 'compact', None)
+  unit = passkey.FORMATS['compact'].filler
+  starts = set()
+  for seed in range(6):
+    ex = task.example(np.random.default_rng(seed), 80, 0.0)
+    text = bytes(ex.tokens.tolist()).decode()
+    key = text[-5:]
+    needle = f'The pass key is {key}. '
+    assert key.isdigit() and text.startswith(needle)
+    assert bytes(ex.targets[ex.answers].tolist()).decode() == key
+    np.testing.assert_array_equal(ex.targets, ex.tokens[1:])
+    filler = text[len(needle):-len('The pass key is ') - 5]
+    assert filler in unit * 3                                   # the filler text, cut anywhere
+    starts.add((unit * 2).index(filler[:30]))
+  assert len(starts) > 3
   assert tasks.Passkey(Bytes(), 'compact', None).min_length == len('The pass key is 12345. ') + len(
       'The pass key is ') + 5
 

@@ -48,7 +48,8 @@ def attend_shifted(attend: Callable[..., jax.Array], q_BxTxHxD: jax.Array, k_BxS
     kv = h
   outs = []
   for half, spec in enumerate(half_head_specs(mask)):
-    heads, kv_heads = slice(half * h // 2, (half + 1) * h // 2), slice(half * kv // 2, (half + 1) * kv // 2)
+    heads = slice(half * h // 2, (half + 1) * h // 2)
+    kv_heads = slice(half * kv // 2, (half + 1) * kv // 2)
     half_bias = None if bias_fn is None else (
         lambda q_pos, k_pos, heads=heads: bias_fn(q_pos, k_pos)[:, heads])
     outs.append(attend(q_BxTxHxD[:, :, heads], k_BxSxKxD[:, :, kv_heads], v_BxSxKxD[:, :, kv_heads],

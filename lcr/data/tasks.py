@@ -1,28 +1,31 @@
 """Synthetic retrieval tasks as data sources: MQAR and passkey, trained with loss on the answers only.
 
-A task makes an :class:`Example` of any length with its needle at a chosen *depth*: a token row and
-a mask over its targets (target j is token j + 1) that marks the answers. Training rows put their
-weight on the answers alone, so a small model learns the retrieval itself rather than the filler
-around it; evaluation (``lcr.retrieval``) asks for the same answers at longer lengths and every
-depth. Depth is the fraction of the filler that comes before the needle: 0 puts the needle first,
-farthest from the question, 1 right before it.
+A task makes an :class:`Example` of any length with its needle at a chosen *depth*: a token row,
+the target predicted after each token, and a mask marking the answers among the targets. Training
+rows put their weight on the answers alone, so a small model learns the retrieval itself rather
+than the filler around it; evaluation (``lcr.retrieval``) asks for the same answers at longer
+lengths and every depth. Depth is the fraction of the filler that comes before the needle: 0 puts
+the needle first, farthest from the question, 1 right before it.
 
-* ``mqar``: multi-query associative recall (Arora et al. 2023, "Zoology", §3.1). ``pairs`` keys,
-  each followed by its value, then every key queried once in random order; the answer to a query
-  is the value that followed its key, predicted at the query. As in Zoology's generator the values
-  never appear after the queries (the token after a query is filler), so they cannot be guessed
-  by elimination, and keys and values are drawn without repeats. Keys, values and filler come from
-  three disjoint alphabets of ``alphabet`` ids each (id 0 is unused). Zoology scatters its queries
-  through the rest of the sequence with power-law gaps; here the filler sits between the pairs and
-  the queries, so the distance between a value and its query is set by the length and the depth,
-  as in passkey. Layout of an n-token example (f: filler):
-  ``f[:cut] k1 v1 … kP vP f[cut:] q1 f q2 f … qP f``, cut = round(depth · (n − 4P)).
-* ``passkey``: the prompt of :mod:`lcr.passkey` in the tokenizer's ids; the answer is the key.
+* ``mqar``: multi-query associative recall (Arora et al. 2023, "Zoology", §3.1): ``pairs`` keys,
+  each followed by its value, then ``queries`` keys (each key at least once, the rest drawn at
+  random, in random order); the answer to a query is the value that followed its key, predicted
+  at the query. As in Zoology's generator the values are never shown after the pairs (a query is
+  followed by the next query, not by its answer), so they cannot be guessed by elimination; keys
+  and values are drawn without repeats. Keys, values and filler come from three disjoint alphabets
+  of ``alphabet`` ids each (id 0 is padding). Zoology scatters its queries through the rest of the
+  sequence with power-law gaps; here filler sits between the pairs and the queries, so the distance
+  from a value to its queries is set by the length and the depth, as in passkey. Layout of an
+  n-token example, Q queries, f filler: ``f[:cut] k1 v1 … kP vP f[cut:] q1 … qQ f``,
+  cut = round(depth · (n − 2P − Q − 1)).
+* ``passkey``: the prompt of :mod:`lcr.passkey` in the tokenizer's ids, its filler starting at a
+  random point of the filler text; the answer is the key.
 
 Training rows come from a grain pipeline over row indices: row i of seed s is generated from
-``np.random.default_rng([s, stream, i])`` (its depth uniform in [0, 1]), so the iterator's state is
-one index, checkpoints and resumes exactly, and any number of processes read disjoint rows of the
-same global sequence. Validation rows use another stream of the same seed.
+``np.random.default_rng([s, stream, i])``, one example of a random length between the task's
+minimum and T + 1 (then padding) at a random depth, so no one layout can be learnt by heart. The
+iterator's state is one index: it checkpoints and resumes exactly, and any number of processes read
+disjoint rows of the same global sequence. Validation rows use another stream of the same seed.
 """
 
 from __future__ import annotations
@@ -70,7 +73,8 @@ class Task(Protocol):
 
 def _check(task: Task, length: int, depth: float) -> None:
   if length < task.min_length:
-    raise ValueError(f'a {task.name} example needs at least {task.min_length} tokens, asked for {length}')
+    raise ValueError(f'a {task.name} example needs at least {task.min_length} tokens, asked for '
+                     f'{length}')
   if not 0.0 <= depth <= 1.0:
     raise ValueError(f'depth must be in [0, 1], got {depth}')
 
@@ -146,9 +150,12 @@ class Passkey:
     return sum(len(self.tokenizer.encode(t)) for t in texts) + (self.bos_id is not None)
 
   def example(self, rng: np.random.Generator, length: int, depth: float) -> Example:
+    """The filler starts at a random point of its text, so that short rows show all of it: from
+    its start, 20 filler tokens would only ever show the first sentence."""
     _check(self, length, depth)
-    ex = passkey.make_example(self.tokenizer, length, float(depth), int(rng.integers(10_000, 100_000)),
-                              self.fmt, self.bos_id)
+    key, offset = int(rng.integers(10_000, 100_000)), int(rng.integers(0, 1 << 16))
+    ex = passkey.make_example(self.tokenizer, length, float(depth), key, self.fmt, self.bos_id,
+                              filler_offset=offset)
     return Example(ex.tokens, ex.tokens[1:], np.arange(1, length) >= ex.answer_start, float(depth))
 
 
