@@ -88,12 +88,13 @@ def retrieval() -> ml_collections.ConfigDict:
                      mqar_queries=16, passkey_format='compact')
   config.model.update(num_layers=2, d_model=64, num_heads=4, attention_backend='auto',
                       yarn_beta_fast=4.0, yarn_beta_slow=1.0)
-  config.train.update(steps=1500, batch_size=32, seq_len=64, lr=3e-3, warmup_steps=50,
+  config.train.update(steps=2000, batch_size=32, seq_len=64, lr=3e-3, warmup_steps=50,
                       log_every=250, tensorboard=False, eval_batches=4)
   config.eval.update(multipliers=(1, 2, 4, 8, 16, 32), batch_size=16, learned_positions='clamp',
                      passkey_depths=(0.0, 0.25, 0.5, 0.75, 1.0), passkey_trials=16)
+  # Passkey is learnt within 500 steps (loss on the key < 0.01), MQAR needs more (RoPE ~750).
   config.study.update(variants='sinusoidal,learned,rope,alibi,xpos,t5', tasks='mqar,passkey',
-                      parallel=2)
+                      parallel=2, overrides={'passkey': {'train': {'steps': 600}}})
   return config
 
 
