@@ -5,6 +5,8 @@ half of the heads has its tokens rolled by −G/2, every group of G consecutive 
 attends causally within itself, and the output is rolled back. It shares no code with lcr.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -97,10 +99,13 @@ def test_every_backend_runs_the_pattern(backend, kv_heads, alibi):
   q = rng.normal(size=(2, 21, heads, d)).astype(np.float32)
   k, v = rng.normal(size=(2, 2, 21, kv_heads, d)).astype(np.float32)
   bias_fn = positional.alibi_bias(heads) if alibi else None
-  out = attention.attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), q_pos=jnp.asarray(pos),
-                         k_pos=jnp.asarray(pos), q_segments=jnp.asarray(segments),
-                         k_segments=jnp.asarray(segments), bias_fn=bias_fn,
-                         mask=MaskSpec('shifted_sparse', block=group), chunk=8, backend=backend)
+
+  @jax.jit
+  def run(q, k, v, pos, segments):
+    return attention.attend(q, k, v, q_pos=pos, k_pos=pos, q_segments=segments, k_segments=segments,
+                            bias_fn=bias_fn, mask=MaskSpec('shifted_sparse', block=group), chunk=8,
+                            backend=backend)
+  out = run(*(jnp.asarray(x) for x in (q, k, v, pos, segments)))
   # The definition on positions: group id (p − shift) // G, shift G/2 in the second half of heads.
   shift = np.where(np.arange(heads) >= heads // 2, group // 2, 0)[None, :, None]
   gid = (pos[:, None, :] - shift) // group                                    # [B, H, T]
@@ -120,9 +125,9 @@ def test_model_trains_with_it_and_evaluates_with_full_attention():
   cfg = ModelConfig(vocab_size=17, num_layers=1, d_model=32, num_heads=2, pos='rope',
                     attention='shifted_sparse', attention_block=4, attention_backend='xla')
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, 17, size=(1, 12)))
-  params = TransformerLM(cfg).init(jax.random.key(0), tokens)['params']
-  sparse = TransformerLM(cfg).apply({'params': params}, tokens)
-  causal = TransformerLM(ModelConfig(**{**cfg.__dict__, 'attention': 'causal'})).apply(
+  params = jax.jit(TransformerLM(cfg).init)(jax.random.key(0), tokens)['params']
+  sparse = jax.jit(TransformerLM(cfg).apply)({'params': params}, tokens)
+  causal = jax.jit(TransformerLM(dataclasses.replace(cfg, attention='causal')).apply)(
       {'params': params}, tokens)
   np.testing.assert_allclose(sparse[:, :2], causal[:, :2], atol=1e-6)   # same first group
   assert not np.allclose(sparse[:, -1], causal[:, -1], atol=1e-4)       # sees fewer tokens
