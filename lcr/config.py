@@ -9,6 +9,7 @@ field, the bad value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -90,7 +91,10 @@ DENSE_FFNS = ('mlp', 'swiglu', 'geglu')
 FFNS = DENSE_FFNS + ('moe',)
 DTYPES = ('float32', 'bfloat16', 'float16')
 ATTENTION_BACKENDS = ('auto', 'xla', 'chunked', 'cpu_flash', 'cudnn', 'splash')
-ATTENTION_VARIANTS = ('causal', 'sliding', 'longformer', 'bigbird', 'sinks', 'blockwise')
+ATTENTION_VARIANTS = ('causal', 'sliding', 'longformer', 'bigbird', 'sinks', 'blockwise',
+                      'grouped', 'shifted_sparse')
+# Patterns used only while training; evaluation runs them as 'causal' (LongLoRA's S²-Attn, §3.2).
+TRAINING_ONLY_ATTENTION = ('shifted_sparse',)
 # How attention runs when the mesh shards the sequence (lcr.attention.context_parallel).
 CONTEXT_PARALLEL = ('none', 'ring', 'all_gather')
 
@@ -167,7 +171,7 @@ class ModelConfig:
   window: int = 0                  # sliding/longformer/sinks: tokens a query looks back (> 0).
   global_tokens: int = 0           # longformer/bigbird: first tokens of each document, global.
   sink_tokens: int = 4             # sinks: first tokens of each document, always visible.
-  attention_block: int = 0         # bigbird/blockwise block size (blockwise: train length / 2).
+  attention_block: int = 0         # bigbird/blockwise block; grouped/shifted_sparse group (tokens).
   bigbird_random_blocks: int = 3   # bigbird: random key blocks per query block.
   bigbird_seed: int = 0            # bigbird: seed of the fixed random pattern.
   attention_chunk: int = 512       # chunked backend: queries and keys per tile.
@@ -262,11 +266,20 @@ class ModelConfig:
            f'model.attention={self.attention!r} needs the number of tokens a query sees (> 0)')
     if self.attention == 'sinks' and self.sink_tokens <= 0:
       fail('model.sink_tokens', self.sink_tokens, "model.attention='sinks' needs > 0 sink tokens")
-    if self.attention in ('bigbird', 'blockwise') and self.attention_block <= 0:
+    blocked = ('bigbird', 'blockwise', 'grouped', 'shifted_sparse')
+    if self.attention in blocked and self.attention_block <= 0:
       fail('model.attention_block', self.attention_block,
            f'model.attention={self.attention!r} needs a block size in tokens (> 0)'
-           + ('; Sun et al. 2022 use half the training length' if self.attention == 'blockwise'
-              else ''))
+           + {'blockwise': '; Sun et al. 2022 use half the training length',
+              'shifted_sparse': '; LongLoRA uses a quarter of the training length'}.get(
+                  self.attention, ''))
+    if self.attention == 'shifted_sparse':
+      if self.attention_block % 2:
+        fail('model.attention_block', self.attention_block,
+             "model.attention='shifted_sparse' shifts half the heads by half a group: use an even size")
+      if self.num_heads % 2:
+        fail('model.num_heads', self.num_heads,
+             "model.attention='shifted_sparse' shifts half of the heads: use an even number")
     if self.length_scaled_logits and self.length_scale_base <= 1:
       fail('model.length_scale_base', self.length_scale_base,
            'model.length_scaled_logits=True needs the training length (> 1)')
@@ -463,6 +476,12 @@ class TrainConfig:
   checkpoint_every: int = 500      # 0 = only after the last step (and on SIGTERM)
   keep_checkpoints: int = 3        # the last K checkpoints are kept
   tensorboard: bool = True         # also write TensorBoard event files to workdir/tensorboard
+  # Start from the parameters of another run: its workdir, checkpoints/ directory or one step's
+  # directory (not its optimizer state or data position; '' = fresh initialisation).
+  init_from: str = ''
+  # init_from: a learned position table shorter than this model's keeps its trained rows and
+  # takes the rest from this run's initialisation (otherwise a shape mismatch is an error).
+  init_extend_positions: bool = False
 
   def __post_init__(self):
     for name in ('steps', 'batch_size', 'seq_len', 'lr', 'log_every', 'eval_batches',
@@ -559,6 +578,44 @@ class MeshConfig:
     return ()
 
 
+PEFT_METHODS = ('none', 'lora', 'adapter')
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftConfig:
+  """Parameter-efficient fine-tuning (lcr/peft.py): which parameters train, and what is added.
+
+  ``method='none'`` trains every parameter. ``lora`` (Hu et al. 2021) adds a rank-``rank`` update
+  B·A, scaled by alpha / rank, beside each matmul kernel whose path ``targets`` matches (re.search
+  over paths like 'layer_0/attention/query/kernel'); ``adapter`` (Houlsby et al. 2019) adds a
+  bottleneck of ``adapter_dim`` after every attention and FFN sublayer. The base parameters are
+  frozen; ``trainable_extra`` (a regex over parameter paths) unfreezes more of them, e.g.
+  LongLoRA's embeddings and norms: 'token_embedding|norm'.
+  """
+  method: str = 'none'
+  rank: int = 8
+  alpha: float = 16.0
+  targets: str = r'attention/(query|key|value|out)/kernel'
+  adapter_dim: int = 16
+  trainable_extra: str = ''
+
+  def __post_init__(self):
+    check_choice('peft.method', self.method, PEFT_METHODS)
+    check_positive('peft.rank', self.rank)
+    check_positive('peft.alpha', self.alpha)
+    check_positive('peft.adapter_dim', self.adapter_dim)
+    for name in ('targets', 'trainable_extra'):
+      try:
+        re.compile(getattr(self, name))
+      except re.error as err:
+        fail(f'peft.{name}', getattr(self, name), f'not a regular expression ({err})')
+    if self.method == 'lora' and not self.targets:
+      fail('peft.targets', self.targets, "peft.method='lora' needs a regex naming the kernels it adapts")
+    if self.trainable_extra and self.method == 'none':
+      fail('peft.trainable_extra', self.trainable_extra,
+           "needs peft.method 'lora' or 'adapter' (with 'none' every parameter trains already)")
+
+
 def _default_data_config():
   from lcr.data.config import DataConfig  # the data room imports this module: import lazily
   return DataConfig()
@@ -574,6 +631,7 @@ class Config:
   eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
   decode: DecodeConfig = dataclasses.field(default_factory=DecodeConfig)
+  peft: PeftConfig = dataclasses.field(default_factory=PeftConfig)
 
   def __post_init__(self):
     if not isinstance(self.seed, int) or isinstance(self.seed, bool):
@@ -590,7 +648,9 @@ _SECTIONS = {'model': model_config, 'data': _data_config,
              'train': lambda v: from_mapping(TrainConfig, v, 'train'),
              'eval': lambda v: from_mapping(EvalConfig, v, 'eval'),
              'mesh': lambda v: from_mapping(MeshConfig, v, 'mesh'),
-             'decode': lambda v: from_mapping(DecodeConfig, v, 'decode')}
+             'decode': lambda v: from_mapping(DecodeConfig, v, 'decode'),
+
+             'peft': lambda v: from_mapping(PeftConfig, v, 'peft')}
 
 
 def from_config_dict(config_dict: Mapping[str, Any]) -> Config:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from lcr import layers, losses, matmul_layout, moe, optim, sharding
+from lcr import layers, losses, matmul_layout, moe, optim, peft, sharding
 from lcr.attention import context_parallel
 from lcr.config import Config
 from lcr.model import TransformerLM
@@ -115,13 +115,17 @@ def sown_aux_loss(sown: Any) -> jax.Array:
 
 
 def make_train_step(model: TransformerLM, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, seed: int):
-  """One optimizer step on a global batch; the metrics are means over its non-padding tokens."""
+                    schedule: optax.Schedule, seed: int,
+                    freeze: Callable[[Any], Any] = lambda params: params):
+  """One optimizer step on a global batch; the metrics are means over its non-padding tokens.
+
+  ``freeze`` stops the gradient of frozen parameters (lcr.peft), so none is computed for them.
+  """
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     rng = jax.random.fold_in(jax.random.key(seed), state.step)   # dropout: same on resume
 
     def loss_fn(params):
-      logits, sown = forward_sown(model, params, batch, rng=rng)
+      logits, sown = forward_sown(model, freeze(params), batch, rng=rng)
       aux_loss = sown_aux_loss(sown)
       sum_loss, sum_weights = losses.cross_entropy(logits, batch['targets'], batch['weights'])
       ce = sum_loss / jnp.maximum(sum_weights, 1.0)
@@ -168,21 +172,24 @@ def make_trainer(config: Config, mesh: Mesh | None = None) -> Trainer:
   mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
   sharding.check_batch(mesh, config.mesh, config.train.batch_size)
   sharding.check_experts(mesh, config.mesh, config.model)
-  model = TransformerLM(config.model)
+  model = peft.build_model(config)
   schedule = optim.learning_rate(config.train)
-  tx = optim.optimizer(config.train)
   boxed, p_shardings = param_shardings(model, config.train.seq_len, mesh, config)
   abstract_params = nn.meta.unbox(boxed)
+  peft.check(config.peft, abstract_params)
+  tx = peft.optimizer(config.peft, optim.optimizer(config.train))
   repl = sharding.replicated(mesh)
+  frozen = lambda x: isinstance(x, optax.MaskedNode)   # noqa: E731  (no state: lcr.peft)
   opt_shardings = optax.tree_map_params(
-      tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_params), p_shardings,
-      transform_non_params=lambda _: repl)
+      tx, lambda p, s: p if frozen(p) else s, jax.eval_shape(tx.init, abstract_params), p_shardings,
+      transform_non_params=lambda _: repl, is_leaf=frozen)
   state_sharding = TrainState(step=repl, params=p_shardings, opt_state=opt_shardings)
   batch_sharding = sharding.batch_sharding(mesh, config.mesh)
   metric_sharding = repl
   # With the sequence sharded, every batch is first put in causal load-balanced order.
   cp = context_parallel.trainer_size(config, dict(mesh.shape))
-  train_step = context_parallel.balanced(make_train_step(model, tx, schedule, config.seed), cp)
+  train_step = context_parallel.balanced(
+      make_train_step(model, tx, schedule, config.seed, peft.stop_frozen_gradients(config.peft)), cp)
   eval_step = context_parallel.balanced(make_eval_step(model), cp)
   options = CPU_COMPILER_OPTIONS if mesh.devices.flat[0].platform == 'cpu' else None
   train_step = jax.jit(_under_axis_rules(train_step, mesh, config),

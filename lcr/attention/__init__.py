@@ -29,11 +29,12 @@ from lcr.attention.chunked import chunked_attention, tile_visits
 from lcr.attention.dense import MASK_VALUE, xla_attention
 from lcr.attention.masks import PATTERNS, MaskSpec, Span, mask_from_config, random_block, visible
 from lcr.attention.select import AUTO_ORDER, BACKENDS, Call, choose, dtype_name, resolve
+from lcr.attention.shifted import attend_shifted, half_head_specs
 from lcr.positional import BiasFn
 
 __all__ = ['attend', 'visible', 'length_scale', 'MaskSpec', 'mask_from_config', 'Span',
            'PATTERNS', 'BACKENDS', 'AUTO_ORDER', 'Call', 'choose', 'resolve', 'random_block',
-           'tile_visits', 'chunked_attention', 'xla_attention', 'MASK_VALUE']
+           'tile_visits', 'chunked_attention', 'xla_attention', 'MASK_VALUE', 'half_head_specs']
 
 
 def length_scale(q_pos_BxT: jax.Array, train_len: int) -> jax.Array:
@@ -86,6 +87,12 @@ def attend(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, *,
     raise ValueError(f'positions {q_pos.shape}/{k_pos.shape} do not match q {q_BxTxHxD.shape} '
                      f'and k {k_BxSxKxD.shape}')
   spec = _mask_spec(mask, causal, window)
+  if spec.pattern.shifts_half_heads:   # LongLoRA's S²-Attn: one call per half of the heads
+    return attend_shifted(attend, q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, q_pos=q_pos, k_pos=k_pos,
+                          q_segments=q_segments, k_segments=k_segments, bias_fn=bias_fn,
+                          scale=scale, mask=spec, chunk=chunk,
+                          length_scale_base=length_scale_base, backend=backend,
+                          context_parallel=context_parallel)
   scale = d ** -0.5 if scale is None else scale
   q_pos, k_pos = jnp.asarray(q_pos), jnp.asarray(k_pos)
   if length_scale_base:
