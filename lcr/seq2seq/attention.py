@@ -125,7 +125,7 @@ def _location_align(module, x, memory_energy, visible, steps, carry):
   def step(alpha_prev, vis, query_t):
     f = alignment.location_features(alpha_prev, conv)                         # [B, H, K, S]
     uf = jnp.einsum('bhks,hka->bsha', f, features)
-    hidden = jnp.tanh(query_t[:, None] + memory_energy + uf + bias)            # [B, S, H, A]
+    hidden = jnp.tanh(query_t[:, None] + memory_energy + uf + bias[None, None])   # [B, S, H, A]
     energy = jnp.einsum('bsha,ha->bhs', hidden, w)
     alpha = alignment.masked_softmax(energy, vis[:, None])
     return alpha, alpha
@@ -144,7 +144,7 @@ def _monotonic_align(module, x, memory_energy, visible, steps, carry):
   r = _param(module, 'energy_r', nn.initializers.constant(tips.monotonic_bias), (h,))
   # Raffel et al. 2017 eq. 16: g vᵀ tanh(W s + V h + b) / ‖v‖ + r, all steps at once.
   normed_v = gain[:, None] * v / jnp.linalg.norm(v, axis=-1, keepdims=True)
-  hidden = jnp.tanh(query[:, :, None] + memory_energy[:, None] + bias)           # [B,T,S,H,A]
+  hidden = jnp.tanh(query[:, :, None] + memory_energy[:, None] + bias[None, None, None])  # [B,T,S,H,A]
   energy = jnp.einsum('btsha,ha->bths', hidden, normed_v) + r[None, None, :, None]
   if module.mode == 'train' and tips.monotonic_noise > 0:
     energy = energy + tips.monotonic_noise * jax.random.normal(module.make_rng('noise'), energy.shape)
