@@ -147,14 +147,11 @@ def guided_attention_loss(maps, batch, g: float) -> jax.Array:
   n_len = alignment.segment_lengths(batch['source_segment_ids'])[:, None, :]
   weights = alignment.guided_attention_weights(n, t, jnp.maximum(n_len, 1), jnp.maximum(t_len, 1), g)
   per_step = sum(jnp.mean(a, axis=1) for a in maps) / len(maps)              # [B, T, S]
-  terms = jnp.sum(per_step * weights, axis=-1) / jnp.maximum(_visible_count(batch), 1)   # mean over n
+  own = ((batch['target_in_segment_ids'][:, :, None] == batch['source_segment_ids'][:, None, :])
+         & (batch['source_segment_ids'][:, None, :] > 0))                      # the example's n
+  terms = jnp.sum(jnp.where(own, per_step * weights, 0.0), axis=-1) / jnp.maximum(
+      jnp.sum(own, axis=-1), 1)                                                # mean over n
   return jnp.sum(terms * (batch['target_out_segment_ids'] > 0))
-
-
-def _visible_count(batch) -> jax.Array:
-  """[B, T]: source tokens of each decoder step's example."""
-  same = batch['target_in_segment_ids'][:, :, None] == batch['source_segment_ids'][:, None, :]
-  return jnp.sum(same & (batch['source_segment_ids'][:, None, :] > 0), axis=-1)
 
 
 def coverage_loss(maps, mask_BxT) -> jax.Array:
