@@ -88,11 +88,17 @@ class EncoderDecoderArch:
     return EncoderDecoderStepper(self.cfg, self.tips, decode, prompt_len, mode=mode,
                                  deterministic=deterministic)
 
-  def prompts(self, params, sources: Sequence[np.ndarray], prefixes: Sequence[np.ndarray] | None = None):
-    """(carry, prompt [B, P], lengths [B]): [BOS] + prefix, the sources in the carry."""
+  def prompt_width(self, source_len: int, prefix_len: int) -> int:
+    return 1 + prefix_len
+
+  def prompts(self, params, sources: Sequence[np.ndarray], prefixes: Sequence[np.ndarray] | None,
+              source_len: int, prefix_len: int):
+    """(carry, prompt [B, P], lengths [B]): [BOS] + prefix, the sources (padded to ``source_len``)
+    in the carry; P = prompt_width(source_len, prefix_len)."""
     prefixes = prefixes or [np.zeros(0, np.int32)] * len(sources)
-    source, source_lengths = _pad(sources, self.task.max_source(1))
-    prompt, lengths = engine.pad_prompts([np.concatenate([[tasks.BOS_ID], p]) for p in prefixes])
+    source, source_lengths = _pad(sources, source_len)
+    prompt, lengths = _pad([np.concatenate([[tasks.BOS_ID], p]) for p in prefixes],
+                           self.prompt_width(source_len, prefix_len))
     return (params, jnp.asarray(source), jnp.asarray(source_lengths)), prompt, lengths
 
 
@@ -136,16 +142,24 @@ class DecoderArch:
     del mode, deterministic
     return engine.Stepper(self.cfg, decode, prompt_len)
 
-  def prompts(self, params, sources: Sequence[np.ndarray], prefixes: Sequence[np.ndarray] | None = None):
+  def prompt_width(self, source_len: int, prefix_len: int) -> int:
+    return source_len + 1 + prefix_len
+
+  def prompts(self, params, sources: Sequence[np.ndarray], prefixes: Sequence[np.ndarray] | None,
+              source_len: int, prefix_len: int):
+    """(params, prompt [B, P], lengths [B]): source + [SEP] + prefix, right-padded."""
     prefixes = prefixes or [np.zeros(0, np.int32)] * len(sources)
-    prompt, lengths = engine.pad_prompts(
-        [np.concatenate([s, [tasks.SEP_ID], p]) for s, p in zip(sources, prefixes)])
+    prompt, lengths = _pad([np.concatenate([s, [tasks.SEP_ID], p]) for s, p in zip(sources, prefixes)],
+                           self.prompt_width(source_len, prefix_len))
     return params, prompt, lengths
 
 
-def _pad(rows: Sequence[np.ndarray], minimum: int) -> tuple[np.ndarray, np.ndarray]:
+def _pad(rows: Sequence[np.ndarray], width: int) -> tuple[np.ndarray, np.ndarray]:
+  """([B, width] right-padded int32 rows, [B] lengths); every row needs 1 … width tokens."""
   lengths = np.asarray([len(r) for r in rows], np.int32)
-  out = np.full((len(rows), max(int(lengths.max()), minimum)), tasks.PAD_ID, np.int32)
+  if lengths.min() < 1 or lengths.max() > width:
+    raise ValueError(f'rows of {lengths.min()} … {lengths.max()} tokens do not fit width {width}')
+  out = np.full((len(rows), width), tasks.PAD_ID, np.int32)
   for i, r in enumerate(rows):
     out[i, :len(r)] = r
   return out, lengths

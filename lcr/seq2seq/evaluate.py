@@ -3,7 +3,7 @@
 Generation goes through lcr.decode's loops (``engine.decode_loop`` for greedy and sampling,
 ``beam.search_loop`` for beam search) with the arch's stepper: the KV cache for the decoder's
 self-attention and, for the encoder-decoder, the cross-attention keys and values computed once
-per input. Each (strategy, prompt shape, length) compiles once.
+per input. Each strategy compiles once for all test lengths (see ``Generator``).
 
 * ``exact_match``: the output up to EOS equals the target.
 * ``token_accuracy``: the fraction of target positions i whose output symbol i is the target's
@@ -31,25 +31,37 @@ RESULT_FIELDS = ('task', 'arch', 'pos', 'tip', 'decode', 'train_len', 'test_len'
 
 
 class Generator:
-  """Batches of sources → generated token ids (up to and including EOS), compiled once per shape."""
+  """Batches of sources → generated token ids (up to and including EOS).
 
-  def __init__(self, arch, config: Config):
+  Sources of up to ``source_len`` symbols and prefixes of up to ``prefix_len`` tokens are padded to
+  those sizes and every call generates up to ``max_new`` tokens (a batch stops when every row has
+  ended), so one compilation per strategy serves every test length.
+  """
+
+  def __init__(self, arch, config: Config, *, source_len: int, max_new: int, prefix_len: int = 0):
     self.arch, self.config = arch, config
-    self._compiled: dict[tuple, Any] = {}
+    self.source_len, self.max_new, self.prefix_len = source_len, max_new, prefix_len
+    self._compiled: dict[str, Any] = {}
 
-  def _fn(self, strategy: str, prompt_len: int, max_new: int):
-    key = (strategy, prompt_len, max_new)
-    if key not in self._compiled:
-      decode = dataclasses.replace(self.config.decode, strategy=strategy, max_new_tokens=max_new)
-      stepper = self.arch.stepper(decode, prompt_len)
-      self._compiled[key] = jax.jit(functools.partial(_generate, stepper, decode, max_new))
-    return self._compiled[key]
+  @classmethod
+  def for_lengths(cls, arch, config: Config, lengths) -> 'Generator':
+    task = tasks.REGISTRY[config.seq2seq.task.name]
+    longest = max(lengths)
+    return cls(arch, config, source_len=task.max_source(longest), max_new=task.max_target(longest) + 1)
 
-  def __call__(self, params, sources: Sequence[np.ndarray], strategy: str, max_new: int, *,
+  def _fn(self, strategy: str):
+    if strategy not in self._compiled:
+      decode = dataclasses.replace(self.config.decode, strategy=strategy, max_new_tokens=self.max_new)
+      stepper = self.arch.stepper(decode, self.arch.prompt_width(self.source_len, self.prefix_len))
+      self._compiled[strategy] = jax.jit(functools.partial(_generate, stepper, decode, self.max_new))
+    return self._compiled[strategy]
+
+  def __call__(self, params, sources: Sequence[np.ndarray], strategy: str, *,
                prefixes: Sequence[np.ndarray] | None = None, seed: int = 0) -> list[np.ndarray]:
-    carry, prompt, lengths = self.arch.prompts(params, sources, prefixes)
-    tokens, counts = self._fn(strategy, prompt.shape[1], max_new)(
-        carry, jnp.asarray(prompt), jnp.asarray(lengths), jax.random.key(seed))
+    carry, prompt, lengths = self.arch.prompts(params, sources, prefixes, self.source_len,
+                                               self.prefix_len)
+    tokens, counts = self._fn(strategy)(carry, jnp.asarray(prompt), jnp.asarray(lengths),
+                                        jax.random.key(seed))
     tokens, counts = np.asarray(tokens), np.asarray(counts)
     return [tokens[b, :counts[b]] for b in range(len(sources))]
 
@@ -85,12 +97,11 @@ def evaluate(generator: Generator, params, config: Config, strategy: str, length
   """Scores of ``strategy`` on the test set at ``length`` (batches of ``seq2seq.eval_batch``)."""
   s = config.seq2seq
   examples = tasks.test_set(s.task, length)
-  max_new = tasks.REGISTRY[s.task.name].max_target(length) + 1
   outputs = []
   for start in range(0, len(examples), s.eval_batch):
     chunk = examples[start:start + s.eval_batch]
     padded = chunk + [chunk[0]] * (min(s.eval_batch, len(examples)) - len(chunk))   # one shape
-    ids = generator(params, [tasks.encode(src) for src, _ in padded], strategy, max_new,
+    ids = generator(params, [tasks.encode(src) for src, _ in padded], strategy,
                     seed=config.decode.seed + start)
     outputs += [tasks.decode(x) for x in ids[:len(chunk)]]
   return {**scores(outputs, [tgt for _, tgt in examples]), 'examples': len(examples)}

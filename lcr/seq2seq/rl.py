@@ -77,11 +77,14 @@ class Step:
 
   def __init__(self, setup: train_lib.Setup, config: Config):
     self.setup, self.config, self.rl = setup, config, config.seq2seq.rl
-    self.generator = Generator(setup.arch, dataclasses.replace(config, decode=dataclasses.replace(
-        config.decode, temperature=self.rl.temperature, top_k=0, top_p=1.0)))
-    self.row = setup.arch.row_lengths()
     task = config.seq2seq.task
-    self.max_new = tasks.REGISTRY[task.name].max_target(task.train_len) + 1   # EOS included
+    lengths = tasks.REGISTRY[task.name]
+    self.max_new = lengths.max_target(task.train_len) + 1   # EOS included
+    sampling = dataclasses.replace(config, decode=dataclasses.replace(
+        config.decode, temperature=self.rl.temperature, top_k=0, top_p=1.0))
+    self.generator = Generator(setup.arch, sampling, source_len=lengths.max_source(task.train_len),
+                               max_new=self.max_new, prefix_len=self.max_new - 1)
+    self.row = setup.arch.row_lengths()
 
     def update(state: TrainState, batch, num_sequences):
       def loss(params):
@@ -99,9 +102,9 @@ class Step:
     outputs = [np.concatenate([t, [tasks.EOS_ID]]) for t in targets]
     prefixes = [o[:k] for o, k in zip(outputs, keep)]
     params = state.params
-    sampled = self.generator(params, sources, 'sample', self.max_new, prefixes=prefixes,
+    sampled = self.generator(params, sources, 'sample', prefixes=prefixes,
                              seed=self.config.seed * 1_000_003 + step)
-    greedy = self.generator(params, sources, 'greedy', self.max_new, prefixes=prefixes)
+    greedy = self.generator(params, sources, 'greedy', prefixes=prefixes)
     reward = lambda p, gen, t: bleu.sentence_bleu(tasks.decode(np.concatenate([p, gen])),
                                                   tasks.decode(t)) / 100.0
     r_sample = np.asarray([reward(p, g, t) for p, g, t in zip(prefixes, sampled, targets)])

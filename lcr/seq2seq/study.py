@@ -132,7 +132,8 @@ def evaluate_variant(config: Config, variant: str, workdir: str) -> int:
   if not todo:
     return 0
   params = train.restore_params(model_dir(workdir, variant), config, field='study.variants')
-  generator = evaluate.Generator(arch_lib.make(config), config)
+  generator = evaluate.Generator.for_lengths(arch_lib.make(config), config,
+                                             config.seq2seq.task.test_lengths)
   signature = bleu.signatures()['corpus']
   for decode, length in todo:
     start = time.perf_counter()
