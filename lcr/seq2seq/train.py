@@ -34,7 +34,7 @@ from lcr.seq2seq import data, tips
 from lcr.step import TrainState
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Setup:
   """The pieces every seq2seq loop shares: arch, optimizer, mesh and shardings."""
   config: Config
@@ -53,21 +53,28 @@ class Setup:
         return fn(*args)
     return traced
 
+  def _state(self, rng) -> TrainState:
+    params = nn.meta.unbox(self.arch.init(rng))
+    return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params))
+
   def init_state(self) -> TrainState:
-    def init(rng):
-      params = nn.meta.unbox(self.arch.init(rng))
-      return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params))
-    return jax.jit(init, out_shardings=self.state_sharding)(jax.random.key(self.config.seed))
+    """Fresh parameters and optimizer state from config.seed, created in their shards."""
+    return _jitted_init(self)(jax.random.key(self.config.seed))
 
   def abstract_state(self) -> TrainState:
-    shapes = jax.eval_shape(lambda: TrainState(
-        jnp.zeros((), jnp.int32), *(lambda p: (p, self.tx.init(p)))(
-            nn.meta.unbox(self.arch.init(jax.random.key(0))))))
+    shapes = jax.eval_shape(self._state, jax.random.key(0))
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                         shapes, self.state_sharding)
 
 
+@functools.lru_cache(maxsize=4)
+def _jitted_init(setup: Setup):
+  return jax.jit(setup._state, out_shardings=setup.state_sharding)
+
+
+@functools.lru_cache(maxsize=4)
 def make_setup(config: Config, train_cfg: TrainConfig | None = None) -> Setup:
+  """Cached: training the same config again in this process reuses the compiled pieces."""
   train_cfg = train_cfg or config.train
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(mesh, config.mesh, train_cfg.batch_size)
@@ -101,6 +108,7 @@ def loss_fn(arch, params, batch, step, rng) -> tuple[jax.Array, dict[str, jax.Ar
   return loss, logged
 
 
+@functools.lru_cache(maxsize=4)
 def make_train_step(setup: Setup):
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(jax.random.key(setup.config.seed), state.step)
