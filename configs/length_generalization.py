@@ -47,22 +47,23 @@ ENCODINGS = {f'decoder-{name}': {'model': {'arch': 'decoder', 'pos': pos}}
 VARIANTS = {**TIPS, **ENCODINGS}
 
 
-def _schedules(steps: int) -> dict:
-  """Decays that take ε from 1 to about 0.5 over ``steps`` (Bengio et al. 2015 §2.4)."""
-  return {'ss_k_by_decay': {'linear': (1.0, 0.5 / steps), 'exponential': (0.5 ** (1.0 / steps), 0.0),
-                            'inverse_sigmoid': (steps / 6.0, 0.0)}}
+def _decay(decay: str, steps: int) -> dict:
+  """Parameters that take ε from 1 to about 0.5 over ``steps`` (Bengio et al. 2015 §2.4):
+  linear 1 − i/(2·steps) floored at 0.5, exponential (0.5^(1/steps))^i, inverse sigmoid with
+  k = steps/6 (k/(k + e^6) ≈ 0.3 at the end, 0.5 near 0.8·steps)."""
+  return {'linear': dict(ss_k=1.0, ss_c=0.5 / steps, ss_min=0.5),
+          'exponential': dict(ss_k=0.5 ** (1.0 / steps)),
+          'inverse_sigmoid': dict(ss_k=steps / 6.0)}[decay]
 
 
 def _study(variants: dict, steps: int, rl_steps: int, parallel: int) -> ml_collections.ConfigDict:
+  """The study section: scheduled-sampling decays fitted to ``steps``, RL run for ``rl_steps``."""
   overrides = {}
-  ks = _schedules(steps)['ss_k_by_decay']
   for name, o in variants.items():
     o = {section: dict(fields) for section, fields in o.items()}
     s = o.get('seq2seq', {})
     if 'ss_decay' in s:
-      s['ss_k'], c = ks[s['ss_decay']]
-      if s['ss_decay'] == 'linear':
-        s.update(ss_c=c, ss_min=0.5)
+      s.update(_decay(s['ss_decay'], steps))
     if 'rl' in s:
       s['rl'] = {**s['rl'], 'steps': rl_steps}
     overrides[name] = o
@@ -73,15 +74,15 @@ def _study(variants: dict, steps: int, rl_steps: int, parallel: int) -> ml_colle
 def _base() -> ml_collections.ConfigDict:
   config = base.get_config()
   config.model.update(arch='encoder_decoder', num_layers=2, d_model=64, num_heads=4, ffn_dim=256,
-                      pos='t5', attention_backend='xla', t5_max_distance=64)
-  config.train.update(steps=1500, batch_size=32, lr=2e-3, warmup_steps=100, log_every=100,
-                      eval_every=0, checkpoint_every=500, keep_checkpoints=1, tensorboard=False)
+                      pos='rope', attention_backend='xla', t5_max_distance=64)
+  config.train.update(steps=500, batch_size=32, seq_len=64, lr=3e-3, warmup_steps=50, log_every=50,
+                      eval_every=0, checkpoint_every=250, keep_checkpoints=1, tensorboard=False)
   config.seq2seq.task.update(name='rewrite', symbols=10, min_len=1, train_len=8,
-                             test_multipliers=(1, 2, 4, 8), test_examples=100, pack=4)
+                             test_multipliers=(1, 2, 4, 8), test_examples=100, pack=2)
   config.seq2seq.rl.update(lr=1e-4, batch_size=32)
   config.seq2seq.update(eval_batch=100)
   config.decode.update(num_beams=4, length_penalty=0.6, temperature=1.0)
-  config.study = _study(VARIANTS, config.train.steps, 150, parallel=2)
+  config.study = _study(VARIANTS, config.train.steps, 100, parallel=2)
   return config
 
 
@@ -110,6 +111,7 @@ def smoke() -> ml_collections.ConfigDict:
   config.seq2seq.rl.update(batch_size=8)
   config.seq2seq.update(eval_batch=6)
   config.study = _study({k: VARIANTS[k] for k in ('teacher_forcing', 'rl', 'decoder-t5')}, 4, 2, 1)
+  config.study.overrides.teacher_forcing.seq2seq.eval_decodes = ('greedy',)
   return config
 
 
