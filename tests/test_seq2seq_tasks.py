@@ -117,6 +117,26 @@ def test_tips_that_need_the_encoder_decoder(arch, overrides, message):
     config_lib.check_run(small_config(arch, **overrides))
 
 
+@pytest.mark.parametrize('arch,model,message', [
+    ('decoder', {'ffn': 'moe'}, r"model\.ffn='moe' is invalid: the seq2seq trainers"),
+    ('encoder_decoder', {'ffn': 'moe'}, r"model\.ffn='moe' is invalid"),
+    ('encoder_decoder', {'norm_placement': 'deepnorm'}, r"model\.norm_placement='deepnorm'.*Table 1"),
+])
+def test_model_options_the_seq2seq_runs_refuse(arch, model, message):
+  with pytest.raises(ConfigError, match=message):
+    config_lib.check_run(model_config(arch, **model))
+
+
+def test_the_decoder_only_prefix_lm_takes_deepnorm():
+  config_lib.check_run(model_config('decoder', norm_placement='deepnorm'))   # TransformerLM's own
+
+
+def model_config(arch, **model):
+  return from_config_dict({
+      'model': dict(arch=arch, vocab_size=tasks.VOCAB_SIZE, num_layers=1, d_model=16, num_heads=2, **model),
+      'seq2seq': {'task': dict(name='reverse', train_len=4)}})
+
+
 def test_a_test_length_a_learned_table_cannot_serve():
   cfg = from_config_dict({'model': dict(arch='decoder', pos='learned', max_len=40), 'train': {'seq_len': 16},
                           'seq2seq': {'task': dict(name='copy', train_len=4)}})

@@ -184,6 +184,12 @@ def check_run(config) -> None:
       if used(s):
         value = getattr(s, field.split('.')[-1])
         fail(field, value, f"needs model.arch='encoder_decoder' (model.arch={model.arch!r})")
+  if model.ffn == 'moe':
+    fail('model.ffn', model.ffn, 'the seq2seq trainers do not collect the MoE balance and z '
+         'losses; use a dense FFN (mlp, swiglu or geglu)')
+  if model.arch == 'encoder_decoder' and model.norm_placement == 'deepnorm':
+    fail('model.norm_placement', model.norm_placement, "lcr's DeepNorm constants are DeepNet's "
+         "decoder-only column (Wang et al. 2022, Table 1); the encoder-decoder takes 'pre' or 'post'")
   if model.arch == 'encoder_decoder' and model.pos_combine != 'add':
     fail('model.pos_combine', model.pos_combine, "the encoder-decoder adds absolute positions ('add')")
   if s.training == 'scheduled_sampling' and (s.guided_weight or s.coverage_weight):

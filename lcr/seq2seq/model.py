@@ -37,11 +37,9 @@ class DecoderOutput(NamedTuple):
 
 
 def residual(cfg: ModelConfig, x, name: str, sublayer, drop) -> jax.Array:
-  """x + f(norm(x)) (pre-norm) or norm(x + f(x)) (post-norm), as lcr.model.Block."""
-  if cfg.norm_placement == 'pre':
-    x = x + drop(sublayer(layers.norm(cfg, f'{name}_norm')(x).astype(x.dtype)))
-  else:
-    x = layers.norm(cfg, f'{name}_norm')(x + drop(sublayer(x))).astype(x.dtype)
+  """x + f(norm(x)) (pre-norm) or norm(x + f(x)) (post-norm): lcr.layers.RESIDUALS, as lcr.model.Block."""
+  x = layers.RESIDUALS[cfg.norm_placement](cfg, x, lambda h: drop(sublayer(h)),
+                                           layers.norm(cfg, f'{name}_norm'))
   return nn.with_logical_constraint(x, EMBED_AXES)
 
 

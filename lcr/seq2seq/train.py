@@ -49,7 +49,7 @@ class Setup:
     @functools.wraps(fn)
     def traced(*args):
       with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh), \
-          nn.logical_axis_rules(self.config.mesh.rules):
+          nn.logical_axis_rules(self.config.mesh.active_rules):
         return fn(*args)
     return traced
 
