@@ -3,11 +3,13 @@
 * Two-pass (Mihaylova & Martins 2019) and parallel (Duckworth et al. 2019) scheduled sampling:
   with ε = 0 and the softmax-weighted mixture (no randomness) the gradient equals the gradient of
   a teacher-forced pass on inputs recomputed here and held constant: nothing flows through the
-  earlier passes (letting it flow changes the gradient by ~10 %: the mutation in docs/seq2seq.md).
+  earlier passes (with the two stop_gradients of lcr.seq2seq.tips removed, both cases fail).
 * Step-by-step scheduled sampling (Bengio et al. 2015): with ε = 1 it is teacher forcing; with
   ε = 0 and argmax it is self-consistent (a teacher-forced pass on its own argmax inputs gives its
   log-probabilities).
 * The configured auxiliary losses enter the loss with their weights.
+* The RL step weights each sampled token by sentence BLEU of the sample minus that of the greedy
+  decode (Rennie et al. 2017 eq. 7), recomputed with sacrebleu on strings.
 * A training run stopped after a checkpoint and resumed ends with the uninterrupted run's metrics.
 """
 
@@ -48,13 +50,13 @@ def ce(scores):
   return nll / count
 
 
-def test_scheduled_sampling_gradient_flows_through_the_last_pass_only():
-  """Parallel scheduled sampling with 3 passes (two_pass is the same code with 2)."""
-  passes = 3
-  cfg, the_arch, params, batch = make(training='parallel', ss_passes=passes, ss_mix='softmax',
+@pytest.mark.parametrize('regime,passes', [('two_pass', 2), ('parallel', 3)])
+def test_scheduled_sampling_gradient_flows_through_the_last_pass_only(regime, passes):
+  """Two-pass (Mihaylova & Martins 2019) and parallel with 3 passes (Duckworth et al. 2019)."""
+  cfg, the_arch, params, batch = make(training=regime, ss_passes=passes, ss_mix='softmax',
                                       ss_decay='exponential', ss_k=0.5)
   step = 500                                         # ε = 0.5^500 = 0: every input is the model's
-  got = jax.jit(jax.grad(lambda p: ce(tips.REGIMES['parallel'](the_arch, p, batch, step, jax.random.key(1)))))(params)
+  got = jax.jit(jax.grad(lambda p: ce(tips.REGIMES[regime](the_arch, p, batch, step, jax.random.key(1)))))(params)
 
   def next_inputs(log_probs):
     """The previous pass's softmax, shifted right by one; each example's BOS stays."""
@@ -155,3 +157,40 @@ def test_training_resumes_where_it_stopped(tmp_path, monkeypatch):
     np.testing.assert_allclose(resumed[key], straight[key], rtol=1e-5)
   lines = [json.loads(l) for l in open(tmp_path / 'resumed' / 'metrics.jsonl')]
   assert [l['step'] for l in lines] == [1, 2, 3, 4]
+
+
+def test_rl_step_weights_sampled_tokens_by_sample_minus_greedy_bleu():
+  """Rennie et al. 2017 eq. 7 in the RL step: every sampled token's loss weight is the sample's
+  sentence BLEU minus the greedy decode's (sacrebleu called here, on strings), so a sample that
+  beats the greedy decode gets a positive weight and one that loses a negative one."""
+  import sacrebleu
+  from lcr.seq2seq import rl
+  cfg = make(rl={'steps': 1, 'init': 'unused', 'batch_size': 8})[0]
+  step = rl.Step(train_lib.make_setup(cfg), cfg)
+  sources = [list('dab'), list('cc')] * 4                       # 8 rows: one per simulated device
+  outputs = {'sample': [list('zpwk'), list('quq')] * 4, 'greedy': [list('zpw'), list('ququ')] * 4}
+  step.generator = lambda params, sources, strategy, **kw: [
+      np.concatenate([tasks.encode(o), [tasks.EOS_ID]]).astype(np.int32) for o in outputs[strategy]]
+  seen = {}
+
+  def update(state, batch, num_sequences):
+    seen.update(batch)
+    return state, 0.0, 0.0
+  step.update = update
+  sizes = step.row['source'], step.row['target_out'] - 1
+  refs = [tasks.REGISTRY['rewrite'].target(s) for s in sources]    # zpwk, ququ
+  local = {'source': np.zeros((8, sizes[0]), np.int32), 'target': np.zeros((8, sizes[1]), np.int32),
+           'source_length': np.array([len(s) for s in sources]),
+           'target_length': np.array([len(t) for t in refs])}
+  for b, (src, tgt) in enumerate(zip(sources, refs)):
+    local['source'][b, :len(src)] = tasks.encode(src)
+    local['target'][b, :len(tgt)] = tasks.encode(tgt)
+  _, metrics = step(train_lib.TrainState(jnp.zeros((), jnp.int32), None, None), local)
+  score = lambda hyp, ref: sacrebleu.sentence_bleu(' '.join(hyp), [' '.join(ref)]).score / 100
+  want = [score(s, r) - score(g, r) for s, g, r in zip(outputs['sample'], outputs['greedy'], refs)]
+  assert want[0] > 0 > want[1]
+  weights, mask = np.asarray(seen['weights']), np.asarray(seen['target_out_segment_ids']) > 0
+  for b in range(8):
+    np.testing.assert_allclose(weights[b][mask[b]], want[b], rtol=1e-6)
+    assert mask[b].sum() == len(outputs['sample'][b]) + 1          # the sample and its EOS
+  np.testing.assert_allclose(metrics['reward_sample'] - metrics['reward_greedy'], np.mean(want), rtol=1e-6)
