@@ -14,7 +14,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 import numpy as np
-from matplotlib import ticker
+from matplotlib import colormaps, ticker
 from matplotlib.figure import Figure
 
 from lcr import results
@@ -98,6 +98,11 @@ def summary_markdown(rows: Sequence[Row]) -> str:
   return '\n'.join(out)
 
 
+def _color(i: int, lines: int):
+  """Matplotlib's 10-colour cycle, or tab20 when a panel has more lines (no two share a colour)."""
+  return f'C{i}' if lines <= 10 else colormaps['tab20'](i % 20)
+
+
 def figure(rows: Sequence[Row]) -> Figure:
   groups = series(rows, 'exact_match')
   keys = list(groups)
@@ -107,7 +112,7 @@ def figure(rows: Sequence[Row]) -> Figure:
     ax = fig.add_subplot(1, len(keys), k + 1)
     for i, (name, by_len) in enumerate(groups[key].items()):
       xs = sorted(by_len)
-      style = dict(color=f'C{i % 10}', marker='os^vDPX*h<>'[i % 11], markersize=4,
+      style = dict(color=_color(i, len(groups[key])), marker='os^vDPX*h<>'[i % 11], markersize=4,
                    linestyle='--' if name.endswith(')') else '-')
       ax.plot(xs, [np.mean(by_len[n]) for n in xs], label=name, **style)
       if any(len(by_len[n]) > 1 for n in xs):
