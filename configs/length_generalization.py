@@ -8,7 +8,8 @@ Presets (the argument after the colon):
   quick  the monotonic rewriting task, N = 8, tested at 8/16/32/64: one small encoder-decoder per
          tip (teacher forcing, three scheduled samplings, pointer-generator + coverage, guided,
          monotonic and location-aware attention, self-critical RL) and decoder-only models with
-         five encodings; two worker processes, ≤ 15 minutes on a 2-core CPU.
+         five encodings; two worker processes (908 s on a 2-core CPU shared with
+         other training, docs/seq2seq.md).
   large  the same variants on every task (copy, reverse, sort, addition, rewrite) with a bigger
          model and longer training, for an accelerator (``get_sweep('large')`` runs one task each).
   smoke  two variants, a few steps: the end-to-end test.
