@@ -97,6 +97,9 @@ ATTENTION_VARIANTS = ('causal', 'sliding', 'longformer', 'bigbird', 'sinks', 'bl
 TRAINING_ONLY_ATTENTION = ('shifted_sparse',)
 # How attention runs when the mesh shards the sequence (lcr.attention.context_parallel).
 CONTEXT_PARALLEL = ('none', 'ring', 'all_gather')
+# decoder: the decoder-only LM (lcr.model); encoder_decoder: Vaswani et al. 2017's encoder-decoder
+# (lcr.seq2seq.model), trained by experiments/length_generalization.py.
+ARCHS = ('decoder', 'encoder_decoder')
 
 
 DROPLESS = (0.0, -1.0)   # moe.capacity_factor values that mean "no capacity limit"
@@ -146,6 +149,8 @@ class MoeConfig:
 class ModelConfig:
   """The decoder-only Transformer LM (field docs in README's model-options table)."""
   vocab_size: int = 259
+  arch: str = 'decoder'            # 'decoder' | 'encoder_decoder' (num_layers each side)
+  share_embeddings: bool = True    # encoder_decoder: one token embedding for source and target
   num_layers: int = 2
   d_model: int = 128
   num_heads: int = 4
@@ -196,6 +201,7 @@ class ModelConfig:
     for name in ('num_kv_heads', 'ffn_dim', 'pos_dim', 'rope_original_length'):
       if getattr(self, name) < 0:
         fail(f'model.{name}', getattr(self, name), 'must be >= 0 (0 selects the default)')
+    check_choice('model.arch', self.arch, ARCHS)
     check_choice('model.pos', self.pos, POSITIONAL_ENCODINGS)
     check_choice('model.pos_combine', self.pos_combine, POS_COMBINES)
     check_choice('model.rope_scaling', self.rope_scaling, ROPE_SCALINGS)
@@ -621,6 +627,11 @@ def _default_data_config():
   return DataConfig()
 
 
+def _default_seq2seq_config():
+  from lcr.seq2seq.config import Seq2SeqConfig  # imports this module: import lazily
+  return Seq2SeqConfig()
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
   """Everything one run needs; ``from_config_dict`` builds it from an ml_collections file."""
@@ -632,6 +643,7 @@ class Config:
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
   decode: DecodeConfig = dataclasses.field(default_factory=DecodeConfig)
   peft: PeftConfig = dataclasses.field(default_factory=PeftConfig)
+  seq2seq: 'Seq2SeqConfig' = dataclasses.field(default_factory=_default_seq2seq_config)  # noqa: F821
 
   def __post_init__(self):
     if not isinstance(self.seed, int) or isinstance(self.seed, bool):
@@ -644,13 +656,18 @@ def _data_config(values: Mapping[str, Any] | None):
   return from_mapping(data_config.DataConfig, values, 'data')
 
 
+def _seq2seq_config(values: Mapping[str, Any] | None):
+  from lcr.seq2seq import config as seq2seq_config  # imports this module: import lazily
+  return seq2seq_config.seq2seq_config(values)
+
+
 _SECTIONS = {'model': model_config, 'data': _data_config,
              'train': lambda v: from_mapping(TrainConfig, v, 'train'),
              'eval': lambda v: from_mapping(EvalConfig, v, 'eval'),
              'mesh': lambda v: from_mapping(MeshConfig, v, 'mesh'),
              'decode': lambda v: from_mapping(DecodeConfig, v, 'decode'),
-
-             'peft': lambda v: from_mapping(PeftConfig, v, 'peft')}
+             'peft': lambda v: from_mapping(PeftConfig, v, 'peft'),
+             'seq2seq': _seq2seq_config}
 
 
 def from_config_dict(config_dict: Mapping[str, Any]) -> Config:

@@ -21,7 +21,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from lcr import checkpoint, init_from, metrics, peft, sharding, step as step_lib
-from lcr.config import Config
+from lcr.config import Config, fail
 
 LocalBatch = dict[str, np.ndarray]
 
@@ -115,6 +115,9 @@ def prepare_workdir(workdir: str) -> None:
 
 def train(config: Config, workdir: str, data: Data) -> dict[str, float]:
   """``train_and_evaluate`` with the data given (and model.vocab_size already set)."""
+  if config.model.arch != 'decoder':
+    fail('model.arch', config.model.arch, "this trainer trains the decoder-only LM; the "
+         "encoder-decoder trains with experiments/length_generalization.py (lcr.seq2seq)")
   trainer = step_lib.make_trainer(config)   # checks mesh.shape and train.batch_size first
   prepare_workdir(workdir)
   ckpt = checkpoint.Checkpointer(workdir, config.train.keep_checkpoints)
