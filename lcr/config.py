@@ -88,6 +88,9 @@ FFNS = ('mlp', 'swiglu', 'geglu')
 DTYPES = ('float32', 'bfloat16', 'float16')
 ATTENTION_BACKENDS = ('auto', 'xla', 'chunked', 'cpu_flash', 'cudnn', 'splash')
 ATTENTION_VARIANTS = ('causal', 'sliding', 'longformer', 'bigbird', 'sinks', 'blockwise')
+MIXERS = ('attention', 'linear', 'retention', 'ssm')      # lcr.mixers (names only here)
+MEMORIES = ('none', 'xl', 'infini')
+MEMORY_UPDATES = ('linear', 'delta')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +137,18 @@ class ModelConfig:
   param_dtype: str = 'float32'
   remat: bool = False
   scan_layers: bool = False
+  # Token mixers other than softmax attention, and attention with memory (lcr/mixers,
+  # docs/memory_and_mixers.md; checked by lcr.mixers.checks).
+  mixer: str = 'attention'         # attention | linear | retention | ssm
+  mixer_chunk: int = 0             # linear/retention: tokens per chunk (0 = one chunk: parallel form)
+  memory: str = 'none'             # attention only: none | xl (Transformer-XL) | infini
+  memory_length: int = 0           # xl: hidden states before its segment that a token also sees (M)
+  segment_length: int = 0          # xl/infini: tokens per segment (S); memory advances per segment
+  memory_update: str = 'linear'    # infini: the 'linear' or 'delta' memory update
+  ssm_state: int = 16              # ssm: state size N per channel (Mamba: 16)
+  ssm_conv: int = 4                # ssm: width of the causal depthwise convolution (Mamba: 4)
+  ssm_expand: int = 2              # ssm: inner width = ssm_expand * d_model (Mamba: 2)
+  ssm_dt_rank: int = 0             # ssm: rank of the projection to Δ (0 = ceil(d_model / 16), Mamba)
 
   def __post_init__(self):
     for name in ('vocab_size', 'num_layers', 'd_model', 'num_heads', 'max_len', 't5_num_buckets',
@@ -180,6 +195,8 @@ class ModelConfig:
     if self.pos_combine == 'concat' and self.pos_dim and self.pos_dim >= self.d_model:
       fail('model.pos_dim', self.pos_dim, f'must be smaller than model.d_model={self.d_model}')
     self._check_attention()
+    from lcr.mixers import checks   # names and numbers only: no JAX
+    checks.check_model(self)
 
   def _check_attention(self):
     check_choice('model.attention', self.attention, ATTENTION_VARIANTS)
@@ -476,6 +493,8 @@ class Config:
     if not isinstance(self.seed, int) or isinstance(self.seed, bool):
       fail('seed', self.seed, 'expected an integer')
     self.model.check_length(self.train.seq_len, 'train.seq_len')
+    from lcr.mixers import checks
+    checks.check_run(self)
 
 
 def _data_config(values: Mapping[str, Any] | None):
