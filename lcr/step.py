@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from lcr import losses, matmul_layout, optim, sharding
 from lcr.config import Config
+from lcr.mixers import carry
 from lcr.model import TransformerLM
 
 # Flax collection in which a module reports auxiliary losses (``self.sow(AUX_LOSSES, name, v)``);
@@ -33,6 +34,8 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
+  # A recurrent model's state from the last step (data.contiguous; lcr.mixers.carry), else None.
+  memory: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,9 +64,10 @@ class Trainer:
 
 
 def _init_state(model: TransformerLM, tx: optax.GradientTransformation, seq_len: int,
-                rng: jax.Array) -> TrainState:
+                rng: jax.Array, memory: Any = None) -> TrainState:
   params = nn.meta.unbox(_init_params(model, rng, seq_len))
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    memory=None if memory is None else carry.empty(memory))
 
 
 def _init_params(model: TransformerLM, rng: jax.Array, seq_len: int) -> Any:
@@ -97,6 +101,22 @@ def forward(model: TransformerLM, params: Any, batch: Batch, *, rng: jax.Array |
   return logits, aux_loss
 
 
+def forward_with_memory(model: TransformerLM, params: Any, memory: Any, batch: Batch, *,
+                        rng: jax.Array | None = None):
+  """(logits, aux loss, memory after the batch): :func:`forward` of a model that starts from the
+  state ``memory`` (its ``cache`` collection, lcr.mixers.carry) and returns the one it ends in."""
+  deterministic = rng is None
+  with matmul_layout.two_d_matmuls():
+    logits, updated = model.apply({'params': params, 'cache': memory}, batch['inputs'],
+                                  batch['positions'], batch['segment_ids'],
+                                  deterministic=deterministic,
+                                  rngs=None if deterministic else {'dropout': rng},
+                                  mutable=[AUX_LOSSES, 'cache'])
+  aux = updated.get(AUX_LOSSES, {})
+  aux_loss = sum((jnp.sum(x) for x in jax.tree.leaves(aux)), jnp.zeros((), jnp.float32))
+  return logits, aux_loss, jax.lax.stop_gradient(nn.meta.unbox(updated['cache']))
+
+
 def make_train_step(model: TransformerLM, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, seed: int):
   """One optimizer step on a global batch; the metrics are means over its non-padding tokens."""
@@ -104,15 +124,20 @@ def make_train_step(model: TransformerLM, tx: optax.GradientTransformation,
     rng = jax.random.fold_in(jax.random.key(seed), state.step)   # dropout: same on resume
 
     def loss_fn(params):
-      logits, aux_loss = forward(model, params, batch, rng=rng)
+      memory = state.memory
+      if memory is None:
+        logits, aux_loss = forward(model, params, batch, rng=rng)
+      else:   # data.contiguous: continue from the last step's state
+        logits, aux_loss, memory = forward_with_memory(model, params, memory, batch, rng=rng)
       sum_loss, sum_weights = losses.cross_entropy(logits, batch['targets'], batch['weights'])
       ce = sum_loss / jnp.maximum(sum_weights, 1.0)
-      return ce + aux_loss, (ce, aux_loss, sum_weights)
+      return ce + aux_loss, (ce, aux_loss, sum_weights, memory)
 
-    (_, (ce, aux_loss, tokens)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (_, (ce, aux_loss, tokens, memory)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                           opt_state=opt_state)
+                           opt_state=opt_state, memory=memory)
     metrics = {'loss': ce, 'aux_loss': aux_loss, 'grad_norm': optax.tree.norm(grads),
                'lr': schedule(state.step), 'train_tokens': tokens}
     return new_state, metrics
@@ -137,6 +162,16 @@ def _under_axis_rules(fn: Callable, mesh: Mesh, config: Config) -> Callable:
   return traced
 
 
+def _carried_memory(config: Config, mesh: Mesh) -> tuple[TransformerLM | None, Any, Any]:
+  """(the stateful model, its abstract state, the state's shardings) when data.contiguous carries
+  a recurrent state across steps (lcr.mixers.carry); (None, None, None) otherwise."""
+  if not config.data.contiguous:
+    return None, None, None
+  model = carry.stateful(config.model)
+  abstract = carry.abstract_memory(model, config.train.batch_size, config.train.seq_len)
+  return model, abstract, sharding.logical_shardings(abstract, mesh, config.mesh)
+
+
 @functools.lru_cache(maxsize=4)
 def make_trainer(config: Config, mesh: Mesh | None = None) -> Trainer:
   """Builds the mesh (checking it and the batch against the devices) and jits the steps.
@@ -155,15 +190,18 @@ def make_trainer(config: Config, mesh: Mesh | None = None) -> Trainer:
   opt_shardings = optax.tree_map_params(
       tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_params), p_shardings,
       transform_non_params=lambda _: repl)
-  state_sharding = TrainState(step=repl, params=p_shardings, opt_state=opt_shardings)
+  train_model, memory, memory_sharding = _carried_memory(config, mesh)
+  state_sharding = TrainState(step=repl, params=p_shardings, opt_state=opt_shardings,
+                              memory=memory_sharding)
   batch_sharding = sharding.batch_sharding(mesh, config.mesh)
   metric_sharding = repl
-  train_step = jax.jit(_under_axis_rules(make_train_step(model, tx, schedule, config.seed), mesh, config),
+  train_step = jax.jit(_under_axis_rules(make_train_step(train_model or model, tx, schedule,
+                                                         config.seed), mesh, config),
                        in_shardings=(state_sharding, batch_sharding),
                        out_shardings=(state_sharding, metric_sharding), donate_argnums=0)
   eval_step = jax.jit(_under_axis_rules(make_eval_step(model), mesh, config), in_shardings=(p_shardings, batch_sharding),
                       out_shardings=metric_sharding)
-  init = jax.jit(functools.partial(_init_state, model, tx, config.train.seq_len),
+  init = jax.jit(functools.partial(_init_state, model, tx, config.train.seq_len, memory=memory),
                  out_shardings=state_sharding)
   num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params))
   return Trainer(config=config, model=model, tx=tx, mesh=mesh, state_sharding=state_sharding,
