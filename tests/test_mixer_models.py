@@ -141,3 +141,21 @@ def test_mixer_parameters_replace_attention_and_keep_the_block():
         lambda s: s.shape, attention['ffn'])
   assert set(shapes(config('xl'))['attention']) == set(attention['attention'])
   assert set(shapes(config('infini'))['attention']) == set(attention['attention']) | {'gate'}
+
+
+@pytest.mark.parametrize('name', ['retention', 'infini'])
+def test_a_stream_fed_in_chunks_scores_as_one_forward(name):
+  """lcr.mixers.stream: 37 tokens in calls of 8 (the state carried) give the NLL of one forward;
+  softmax attention, whose cache would grow, is refused."""
+  from lcr.mixers import stream
+  cfg = config(name)
+  params = random_params(cfg, seed=4)
+  tokens = np.random.default_rng(2).integers(0, VOCAB, size=37)
+  logits = np.asarray(jax.jit(TransformerLM(cfg).apply)({'params': params}, tokens[None, :-1]))
+  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+      - logits.max(-1, keepdims=True)
+  want = -np.take_along_axis(logp[0], tokens[1:, None], axis=-1).sum()
+  got = stream.score(params, cfg, tokens, chunk=8)
+  assert got.tokens == 36 and got.nll == pytest.approx(want, rel=1e-5)
+  with pytest.raises(ValueError, match='bounded state'):
+    stream.score(params, ModelConfig(**BASE), tokens, chunk=8)
