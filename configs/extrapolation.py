@@ -10,6 +10,10 @@ Presets (the argument after the colon):
   paper  the ALiBi paper's setting (Press et al. 2022 §4: 16 layers, d_model 1024, 8 heads,
          L = 512, evaluated up to 16k) on PG-19 (tfds) with a 32k BPE vocabulary, for TPU VMs.
   smoke  two encodings, a few steps, two lengths: the end-to-end test.
+  directions  quick's models with recurrence and memory (Transformer-XL, Infini-attention) and
+         other token mixers (linear attention, RetNet, a Mamba-style SSM) next to RoPE and ALiBi,
+         with passkey retrieval; docs/memory_and_mixers.md. ~15 min on 2 cores:
+         python experiments/extrapolation.py --config=configs/extrapolation.py:directions --workdir=runs/directions
 
 Every field can be overridden, e.g. ``--config.train.steps=2000`` or
 ``--config.study.variants=rope,alibi``. ``study`` describes the study itself: the variants
@@ -88,7 +92,34 @@ def smoke() -> ml_collections.ConfigDict:
   return config
 
 
-PRESETS = {'quick': quick, 'paper': paper, 'smoke': smoke}
+# study.overrides of the directions preset: each a memory or mixer (lcr.mixers) on quick's model.
+# Memories train on contiguous streams, carrying their state from step to step; mixers on packed
+# rows like the encodings. Infini-attention reads two segments per row, so the memory it writes in
+# one segment is read, with gradient, in the next (as the paper trains).
+CONTIGUOUS = {'data': {'contiguous': True, 'shuffle': False}}
+DIRECTIONS = {
+    'xl': {'model': {'pos': 'rope', 'memory': 'xl', 'segment_length': 64, 'memory_length': 64},
+           **CONTIGUOUS},
+    'infini': {'model': {'pos': 'rope', 'memory': 'infini', 'segment_length': 32,
+                         'memory_update': 'delta'}, **CONTIGUOUS},
+    'linear': {'model': {'pos': 'none', 'mixer': 'linear'}},
+    'retention': {'model': {'pos': 'none', 'mixer': 'retention'}},
+    # Inner width d_model (Mamba: 2·d_model) keeps the block at attention's parameter count.
+    'ssm': {'model': {'pos': 'none', 'mixer': 'ssm', 'ssm_expand': 1}},
+}
+
+
+def directions() -> ml_collections.ConfigDict:
+  """quick's budget for RoPE, ALiBi, two memories and three mixers; passkey at L, 8L and 32L."""
+  config = quick()
+  config.eval.update(rope_scalings=('none',), passkey=True, passkey_lengths=(64, 512, 2048),
+                     passkey_modes=('teacher_forced',))
+  config.study.update(variants='rope,alibi,' + ','.join(DIRECTIONS),
+                      overrides=ml_collections.ConfigDict(DIRECTIONS))
+  return config
+
+
+PRESETS = {'quick': quick, 'paper': paper, 'smoke': smoke, 'directions': directions}
 
 
 def get_config(arg: str = 'quick') -> ml_collections.ConfigDict:
@@ -104,7 +135,7 @@ def get_sweep(arg: str = 'quick') -> list[dict]:
   ``experiments/sweep.py`` gives each its own workdir and combines their results.
   """
   config = get_config(arg)
-  train_lens = {'quick': (64, 128), 'paper': (512, 1024), 'smoke': (48,)}[arg]
+  train_lens = {'quick': (64, 128), 'paper': (512, 1024), 'smoke': (48,), 'directions': (64,)}[arg]
   seeds = (0, 1)
   return [{'study.variants': variant, 'seed': seed, 'train.seq_len': length}
           for variant in config.study.variants.split(',') for seed in seeds for length in train_lens]
