@@ -129,3 +129,34 @@ def test_a_resumed_run_carries_the_saved_memory(tmp_path):
   assert resumed['loss'] == pytest.approx(whole['loss'], rel=1e-6)
   later = [r['loss'] for r in metrics.read_metrics(str(tmp_path / 'whole')) if r['step'] > 2]
   assert [r['loss'] for r in metrics.read_metrics(str(resumed_dir))] == pytest.approx(later, rel=1e-6)
+
+
+@pytest.mark.parametrize('model', [dict(memory='infini', segment_length=8),
+                                   dict(mixer='ssm', pos='none', ssm_state=4)],
+                         ids=['infini', 'ssm'])
+def test_sharded_steps_with_memory_equal_single_device_steps(model):
+  """An invariant is the reference: two steps over a (2, 2, 2) mesh, the carried state sharded
+  by its logical axes (batch over data and fsdp), give the single-device steps' losses, state
+  and parameters."""
+  from lcr import sharding
+  from test_sharding import random_batch, tiny_config
+
+  def config(shape):
+    cfg = tiny_config(shape, num_kv_heads=0, **model)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, contiguous=True,
+                                                             shuffle=False))
+  sharded = step.make_trainer(config((2, 2, 2)))
+  single_cfg = config((1, 1, 1))
+  single = step.make_trainer(single_cfg, mesh=sharding.make_mesh(single_cfg.mesh,
+                                                                 devices=jax.devices()[:1]))
+  leaf = jax.tree.leaves(sharded.state_sharding.memory)[0]
+  assert tuple(leaf.spec)[0] == ('data', 'fsdp')
+  s8, s1 = sharded.init_state(), single.init_state()
+  for seed in (0, 1):
+    batch = random_batch(config((1, 1, 1)), seed)
+    s8, m8 = sharded.train_step(s8, sharding.global_batch(batch, sharded.batch_sharding))
+    s1, m1 = single.train_step(s1, sharding.global_batch(batch, single.batch_sharding))
+    np.testing.assert_allclose(float(m8['loss']), float(m1['loss']), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(jax.device_get((s8.params, s8.memory))),
+                  jax.tree.leaves(jax.device_get((s1.params, s1.memory)))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

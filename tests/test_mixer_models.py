@@ -9,6 +9,7 @@
   * Invalid settings fail before compiling with one ConfigError naming the field.
 """
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -129,18 +130,26 @@ def test_contiguous_streams_need_a_recurrent_model():
 
 
 def test_mixer_parameters_replace_attention_and_keep_the_block():
-  """The block keeps its norms and FFN; attention's projections go, the mixer's come; memories
-  keep attention's own projections (so attention weights load into them)."""
-  shapes = lambda cfg: jax.eval_shape(lambda: TransformerLM(cfg).init(
-      jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))['params']['layer_0']
+  """The block keeps its norms and FFN; attention's projections give way to each mixer's own
+  (RetNet's gate and GroupNorm, Mamba's convolution, Δ projection, A and D); memories keep
+  attention's projections (Infini-attention adds its gate), so attention weights load into them."""
+  shapes = lambda cfg: nn.meta.unbox(jax.eval_shape(lambda: TransformerLM(cfg).init(
+      jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))['params']['layer_0'])
   attention = shapes(ModelConfig(**{**BASE, 'pos': 'rope'}))
-  for name in ('linear', 'retention', 'ssm'):
+  own = {'linear': {'query', 'key', 'value', 'out'},
+         'retention': {'query', 'key', 'value', 'gate', 'out', 'norm_scale', 'norm_bias'},
+         'ssm': {'in_proj', 'conv_kernel', 'conv_bias', 'x_proj', 'dt_proj', 'A_log', 'D',
+                 'out_proj'}}
+  for name, params in own.items():
     layer = shapes(config(name))
     assert {'attn_norm', 'ffn_norm', 'ffn', 'mixer'} == set(layer), name
+    assert set(layer['mixer']) == params, name
     assert jax.tree.map(lambda s: s.shape, layer['ffn']) == jax.tree.map(
         lambda s: s.shape, attention['ffn'])
   assert set(shapes(config('xl'))['attention']) == set(attention['attention'])
   assert set(shapes(config('infini'))['attention']) == set(attention['attention']) | {'gate'}
+  assert shapes(config('ssm', ssm_state=3, ssm_conv=5, ssm_expand=3))['mixer']['A_log'].shape == (48, 3)
+  assert shapes(config('ssm', ssm_conv=5))['mixer']['conv_kernel'].shape == (5, 32)
 
 
 @pytest.mark.parametrize('name', ['retention', 'infini'])
@@ -159,3 +168,12 @@ def test_a_stream_fed_in_chunks_scores_as_one_forward(name):
   assert got.tokens == 36 and got.nll == pytest.approx(want, rel=1e-5)
   with pytest.raises(ValueError, match='bounded state'):
     stream.score(params, ModelConfig(**BASE), tokens, chunk=8)
+
+
+def test_defaults_are_the_papers():
+  """Mamba (Gu & Dao 2023 §3.4 and its reference code): state size N = 16, convolution width 4,
+  expansion E = 2, Δ's rank ⌈D/16⌉ (0 here); the block's mixer is attention unless asked."""
+  cfg = ModelConfig()
+  assert (cfg.ssm_state, cfg.ssm_conv, cfg.ssm_expand, cfg.ssm_dt_rank) == (16, 4, 2, 0)
+  assert (cfg.mixer, cfg.memory, cfg.memory_update, cfg.mixer_chunk) == ('attention', 'none',
+                                                                         'linear', 0)
