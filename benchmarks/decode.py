@@ -48,8 +48,9 @@ _PEER = flags.DEFINE_bool('peer', False, 'also time Hugging Face GPT-2 generate'
 _PEER_PYTHON = flags.DEFINE_string('peer_python', sys.executable, 'interpreter with torch + transformers')
 _PEER_SINGLE = flags.DEFINE_integer('peer_single', 0, 'internal: time GPT-2 at this length here')
 
+# `auto`: the prefill takes cpu_flash or chunked by length, the steps (one query) take xla.
 MODEL = dict(vocab_size=259, num_layers=2, d_model=128, num_heads=4, ffn_dim=512, pos='rope',
-             attention_backend='xla')
+             attention_backend='auto')
 KV_HEADS = {'mha': 4, 'gqa': 2, 'mqa': 1}
 SINKS = 4
 

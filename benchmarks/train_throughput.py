@@ -1,7 +1,8 @@
-"""Training throughput of lcr's jitted train step on GPT-2-style models a, b, c.
+"""Training throughput of lcr's jitted train step on GPT-2-style models a, b, c, and b_moe.
 
-    python benchmarks/train_throughput.py                 # all three, on the default device
+    python benchmarks/train_throughput.py                 # a, b, c, on the default device
     python benchmarks/train_throughput.py --configs=a --steps=50
+    python benchmarks/train_throughput.py --configs=b,b_moe --capacity_factors=1.0,1.25
     python benchmarks/train_throughput.py --compare_layouts   # also without lcr.matmul_layout
     python benchmarks/train_throughput.py --skip_attention    # also with attention replaced by q+k+v
     python benchmarks/train_throughput.py --attention_backends=cpu_flash,xla   # one run per backend
@@ -10,13 +11,17 @@ Prints a table and one JSON object per run: tokens/s, FLOP/s counted as 6·N + 6
 (N parameters, L layers, T sequence length, D width), and that as a fraction of this machine's
 float32 matmul peak, measured (chained square matmuls) next to each run (and of the vendor peak,
 i.e. MFU, on a GPU or TPU whose peak is known). Models: learned positions, GELU MLP, tied
-embeddings, a 128-symbol vocabulary, float32, one device.
+embeddings, a 128-symbol vocabulary, float32, one device. ``b_moe`` is model b with every FFN a
+mixture of 8 GELU experts of width 512, top-2: the parameters a token passes through are b's (plus
+a 256×8 router per layer); N counts those active parameters, and the MoE rows add the fraction of
+routing assignments dropped by the capacity limit (random tokens, the initial router).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import sys
@@ -32,11 +37,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lcr import attention  # noqa: E402
 from lcr import config as C  # noqa: E402
-from lcr import metrics, sharding, step  # noqa: E402
+from lcr import metrics, moe, sharding, step  # noqa: E402
 from lcr.data.config import DataConfig  # noqa: E402
 
 #                (layers, d_model, heads, seq_len, batch)
-MODELS = {'a': (4, 128, 4, 64, 12), 'b': (4, 256, 4, 256, 16), 'c': (6, 384, 6, 256, 16)}
+MODELS = {'a': (4, 128, 4, 64, 12), 'b': (4, 256, 4, 256, 16), 'c': (6, 384, 6, 256, 16),
+          'b_moe': (4, 256, 4, 256, 16)}
+# Mixture-of-experts models: (ffn_dim of each expert, MoeConfig fields besides capacity_factor).
+MOE_MODELS = {'b_moe': (512, dict(num_experts=8, top_k=2, renormalize=True))}
 
 _CONFIGS = flags.DEFINE_list('configs', ['a', 'b', 'c'], 'which of a, b, c to run')
 _STEPS = flags.DEFINE_integer('steps', 10, 'timed steps per config (after warmup)')
@@ -47,6 +55,8 @@ _BACKENDS = flags.DEFINE_list('attention_backends', ['auto'], 'model.attention_b
                               'timed run (auto: cpu_flash on a CPU with a C++ compiler)')
 _SKIP = flags.DEFINE_bool('skip_attention', False, 'also time the step with softmax attention '
                           'replaced by q + k + v (all projections kept): what the rest of the step costs')
+_FACTORS = flags.DEFINE_list('capacity_factors', ['1.25'], 'moe.capacity_factor of each MoE run '
+                             '(0 = dropless)')
 
 
 def matmul_peak(sizes=(1024, 2048), repeats: int = 3) -> float:
@@ -69,12 +79,16 @@ def matmul_peak(sizes=(1024, 2048), repeats: int = 3) -> float:
   return best
 
 
-def model_config(name: str, attention_backend: str = 'auto') -> C.Config:
+def model_config(name: str, attention_backend: str = 'auto', capacity_factor: float = 1.25) -> C.Config:
   layers, d, heads, t, b = MODELS[name]
+  ffn = dict(ffn='mlp')
+  if name in MOE_MODELS:
+    ffn_dim, moe = MOE_MODELS[name]
+    ffn = dict(ffn='moe', ffn_dim=ffn_dim, moe=C.MoeConfig(capacity_factor=capacity_factor, **moe))
   return C.Config(
       model=C.ModelConfig(vocab_size=128, num_layers=layers, d_model=d, num_heads=heads,
-                          pos='learned', max_len=t, ffn='mlp', tie_embeddings=True,
-                          attention_backend=attention_backend),
+                          pos='learned', max_len=t, tie_embeddings=True,
+                          attention_backend=attention_backend, **ffn),
       data=DataConfig(), train=C.TrainConfig(steps=10_000, batch_size=b, seq_len=t, warmup_steps=10),
       mesh=C.MeshConfig(shape=(1, 1, 1)))
 
@@ -115,8 +129,9 @@ def attention_skipped():
 
 
 def throughput(cfg: C.Config, steps: int, repeats: int, model_layout: bool = False,
-               skip_attention: bool = False) -> tuple[float, int]:
-  """(tokens/s of the best of ``repeats`` runs of ``steps`` steps, parameter count)."""
+               skip_attention: bool = False) -> tuple[float, int, dict]:
+  """(tokens/s of the best of ``repeats`` runs of ``steps`` steps, parameter count, the first
+  step's metrics)."""
   device = jax.devices()[0]
   if model_layout or skip_attention:   # a distinct config, so the step is traced afresh
     cfg = dataclasses.replace(cfg, seed=cfg.seed + 1 + 2 * skip_attention)
@@ -132,6 +147,7 @@ def throughput(cfg: C.Config, steps: int, repeats: int, model_layout: bool = Fal
   with (nn.intercept_methods(_model_layout) if model_layout else contextlib.nullcontext(),
         attention_skipped() if skip_attention else contextlib.nullcontext()):
     state, m = trainer.train_step(state, batch)   # traced and compiled here
+  first = {k: float(v) for k, v in jax.device_get(m).items()}
   for _ in range(2):
     state, m = trainer.train_step(state, batch)
   jax.block_until_ready(m)
@@ -142,7 +158,7 @@ def throughput(cfg: C.Config, steps: int, repeats: int, model_layout: bool = Fal
       state, m = trainer.train_step(state, batch)
     jax.block_until_ready(m)
     best = max(best, steps * b * t / (time.perf_counter() - start))
-  return best, trainer.num_params
+  return best, trainer.num_params, first
 
 
 def main(argv):
@@ -151,27 +167,33 @@ def main(argv):
   vendor = metrics.peak_flops(device.device_kind, 'float32')
   print(f'device: {device.device_kind} ({jax.device_count()} device(s))'
         + (f'; vendor float32 peak {vendor / 1e12:.0f} TFLOP/s' if vendor else ''))
-  print(f'{"cfg":<4}{"layout":>7}{"attn":>10}{"layers":>7}{"d":>5}{"heads":>6}{"T":>5}{"B":>4}{"params":>11}'
-        f'{"tokens/s":>10}{"GFLOP/s":>9}{"peak":>7}{"of peak":>9}' + ('    MFU' if vendor else ''))
+  print(f'{"cfg":<9}{"layout":>7}{"attn":>10}{"layers":>7}{"d":>5}{"heads":>6}{"T":>5}{"B":>4}{"params":>11}'
+        f'{"active":>11}{"cf":>6}{"tokens/s":>10}{"GFLOP/s":>9}{"peak":>7}{"of peak":>9}{"dropped":>9}'
+        + ('    MFU' if vendor else ''))
   rows = []
   variants = ([(False, False, b) for b in _BACKENDS.value] + [(True, False, 'auto')] * _COMPARE.value
               + [(False, True, 'auto')] * _SKIP.value)
   for name in _CONFIGS.value:
-    for model_layout, skip_attention, backend in variants:
-      cfg = model_config(name, backend)
+    factors = [float(f) for f in _FACTORS.value] if name in MOE_MODELS else [None]
+    for (model_layout, skip_attention, backend), cf in itertools.product(variants, factors):
+      cfg = model_config(name, backend, cf if cf is not None else 1.25)
       peak = matmul_peak()   # measured next to each run: a busy machine lowers both alike
-      tps, n = throughput(cfg, _STEPS.value, _REPEATS.value, model_layout, skip_attention)
+      tps, n, first = throughput(cfg, _STEPS.value, _REPEATS.value, model_layout, skip_attention)
       flops = metrics.flops_per_token(cfg.model, n, cfg.train.seq_len) * tps
       row = dict(config=name, layout='model' if model_layout else '2d',
                  attention='skipped' if skip_attention else resolved_backend(cfg), layers=cfg.model.num_layers,
                  d_model=cfg.model.d_model, heads=cfg.model.num_heads, seq_len=cfg.train.seq_len,
-                 batch=cfg.train.batch_size, params=n, tokens_per_s=tps, flops_per_s=flops,
+                 batch=cfg.train.batch_size, params=n, active_params=moe.active_params(cfg.model, n),
+                 capacity_factor=cf, dropped_fraction=first.get('moe_dropped_fraction'),
+                 tokens_per_s=tps, flops_per_s=flops,
                  matmul_peak_flops_per_s=peak, fraction_of_matmul_peak=flops / peak,
                  device=device.device_kind, mfu=flops / vendor if vendor else None)
       rows.append(row)
-      print(f'{name:<4}{row["layout"]:>7}{row["attention"]:>10}{row["layers"]:>7}{row["d_model"]:>5}'
-            f'{row["heads"]:>6}{row["seq_len"]:>5}{row["batch"]:>4}{n:>11,}{tps:>10,.0f}'
-            f'{flops / 1e9:>9.1f}{peak / 1e9:>7.0f}{flops / peak:>9.1%}'
+      dropped = '' if cf is None else f'{row["dropped_fraction"]:.1%}'
+      print(f'{name:<9}{row["layout"]:>7}{row["attention"]:>10}{row["layers"]:>7}{row["d_model"]:>5}'
+            f'{row["heads"]:>6}{row["seq_len"]:>5}{row["batch"]:>4}{n:>11,}{row["active_params"]:>11,}'
+            f'{"" if cf is None else f"{cf:g}":>6}{tps:>10,.0f}'
+            f'{flops / 1e9:>9.1f}{peak / 1e9:>7.0f}{flops / peak:>9.1%}{dropped:>9}'
             + (f'{flops / vendor:>7.1%}' if vendor else ''), flush=True)
   for row in rows:
     print(json.dumps(row))

@@ -173,9 +173,17 @@ def read_config(workdir: str) -> Config | None:
                           'use another --workdir') from err
 
 
+def _flat(values: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+  """{'moe': {'top_k': 2}} → {'moe.top_k': 2}: nested sections (model.moe) field by field."""
+  out = {}
+  for k, v in values.items():
+    out.update(_flat(v, f'{prefix}{k}.') if isinstance(v, dict) else {f'{prefix}{k}': v})
+  return out
+
+
 def check_compatible(saved: Config, config: Config, workdir: str) -> None:
   """Resuming needs the same model: fails naming the first model field that differs."""
-  old, new = to_dict(saved.model), to_dict(config.model)
+  old, new = _flat(to_dict(saved.model)), _flat(to_dict(config.model))
   for name in old:
     if old[name] != new.get(name):
       raise CheckpointError(

@@ -53,6 +53,8 @@ def _coerce(field: str, value: Any, annotation: Any) -> Any:
     return int(value)
   if annotation in (int, float, str, bool) and not isinstance(value, annotation):
     fail(field, value, f'expected a value of type {annotation.__name__}')
+  if dataclasses.is_dataclass(annotation) and isinstance(value, (Mapping, ml_collections.ConfigDict)):
+    return from_mapping(annotation, value, field)   # a nested section, e.g. model.moe
   return value
 
 
@@ -83,14 +85,58 @@ ROTARY_ENCODINGS = ('rope', 'xpos')
 ROPE_SCALINGS = ('none', 'linear', 'ntk', 'dynamic_ntk', 'yarn')
 POS_COMBINES = ('add', 'concat')
 NORMS = ('layernorm', 'rmsnorm')
-NORM_PLACEMENTS = ('pre', 'post')
-FFNS = ('mlp', 'swiglu', 'geglu')
+NORM_PLACEMENTS = ('pre', 'post', 'deepnorm')
+DENSE_FFNS = ('mlp', 'swiglu', 'geglu')
+FFNS = DENSE_FFNS + ('moe',)
 DTYPES = ('float32', 'bfloat16', 'float16')
 ATTENTION_BACKENDS = ('auto', 'xla', 'chunked', 'cpu_flash', 'cudnn', 'splash')
 ATTENTION_VARIANTS = ('causal', 'sliding', 'longformer', 'bigbird', 'sinks', 'blockwise')
 MIXERS = ('attention', 'linear', 'retention', 'ssm')      # lcr.mixers (names only here)
 MEMORIES = ('none', 'xl', 'infini')
 MEMORY_UPDATES = ('linear', 'delta')
+
+
+DROPLESS = (0.0, -1.0)   # moe.capacity_factor values that mean "no capacity limit"
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeConfig:
+  """Mixture-of-experts feed-forward layers (``model.ffn='moe'``; docs/moe_and_deepnorm.md)."""
+  num_experts: int = 8
+  top_k: int = 2                   # experts per token: 1 = Switch, 2 = GShard / Mixtral
+  # Slots per expert and sequence: ceil(k·T/E · capacity_factor), at most T; 0 or -1 = dropless.
+  capacity_factor: float = 1.25
+  every: int = 1                   # layers i with (i + 1) % every == 0 are MoE, the rest dense
+  renormalize: bool = True         # gates of the top k divided by their sum (Mixtral); False: Switch
+  jitter: float = 0.0              # router input × U(1 − jitter, 1 + jitter) in training (Switch)
+  expert_ffn: str = 'mlp'          # each expert (and every dense layer of the model): mlp | swiglu | geglu
+  balance_coef: float = 1e-2       # load-balance loss weight (Switch eq. 4, α = 1e-2)
+  z_coef: float = 1e-3             # router z-loss weight (ST-MoE eq. 5, c_z = 1e-3)
+
+  def __post_init__(self):
+    check_positive('model.moe.num_experts', self.num_experts)
+    check_positive('model.moe.every', self.every)
+    if not 1 <= self.top_k <= self.num_experts:
+      fail('model.moe.top_k', self.top_k,
+           f'must be in [1, model.moe.num_experts={self.num_experts}]')
+    if self.capacity_factor < 0 and self.capacity_factor not in DROPLESS:
+      fail('model.moe.capacity_factor', self.capacity_factor,
+           'must be > 0 (slots per expert relative to an even split), or 0 or -1 for dropless '
+           'routing')
+    if self.top_k == 1 and self.renormalize:
+      fail('model.moe.renormalize', self.renormalize,
+           'with model.moe.top_k=1 the renormalised gate is always 1 and the router gets no '
+           'gradient from the loss; set it to False (Switch Transformer)')
+    if not 0.0 <= self.jitter < 1.0:
+      fail('model.moe.jitter', self.jitter, 'must be in [0, 1)')
+    check_choice('model.moe.expert_ffn', self.expert_ffn, DENSE_FFNS)
+    for name in ('balance_coef', 'z_coef'):
+      if getattr(self, name) < 0:
+        fail(f'model.moe.{name}', getattr(self, name), 'must be >= 0')
+
+  @property
+  def dropless(self) -> bool:
+    return self.capacity_factor <= 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +177,7 @@ class ModelConfig:
   norm: str = 'layernorm'
   norm_placement: str = 'pre'
   ffn: str = 'mlp'
+  moe: MoeConfig = dataclasses.field(default_factory=MoeConfig)   # ffn='moe' only
   dropout: float = 0.0
   tie_embeddings: bool = True
   dtype: str = 'float32'
@@ -197,6 +244,25 @@ class ModelConfig:
     self._check_attention()
     from lcr.mixers import checks   # names and numbers only: no JAX
     checks.check_model(self)
+    self._check_moe()
+
+  def _check_moe(self):
+    if not isinstance(self.moe, MoeConfig):
+      fail('model.moe', self.moe, 'expected the section of MoE fields (lcr.config.MoeConfig)')
+    if self.ffn != 'moe':
+      default = MoeConfig()
+      for f in dataclasses.fields(MoeConfig):
+        if getattr(self.moe, f.name) != getattr(default, f.name):
+          fail(f'model.moe.{f.name}', getattr(self.moe, f.name),
+               f"has no effect unless model.ffn='moe' (model.ffn={self.ffn!r})")
+      return
+    if self.moe.every > self.num_layers:
+      fail('model.moe.every', self.moe.every,
+           f'must be at most model.num_layers={self.num_layers}, or no layer would be MoE')
+    if self.scan_layers and self.num_layers % self.moe.every:
+      fail('model.moe.every', self.moe.every,
+           f'model.scan_layers=True scans groups of `every` layers, so it must divide '
+           f'model.num_layers={self.num_layers}')
 
   def _check_attention(self):
     check_choice('model.attention', self.attention, ATTENTION_VARIANTS)
@@ -254,6 +320,13 @@ class ModelConfig:
   @property
   def hidden_dim(self) -> int:
     return self.ffn_dim or 4 * self.d_model
+
+  def ffn_kind(self, layer: int) -> str:
+    """The FFN of layer ``layer`` (0-based): 'moe' for every ``moe.every``-th layer of an MoE
+    model, its other layers are dense FFNs of type ``moe.expert_ffn``."""
+    if self.ffn != 'moe':
+      return self.ffn
+    return 'moe' if (layer + 1) % self.moe.every == 0 else self.moe.expert_ffn
 
   @property
   def concat_pos_dim(self) -> int:
@@ -414,7 +487,15 @@ class TrainConfig:
 
 MeshRule = tuple[str, Any]   # (logical axis name, mesh axis | tuple of mesh axes | None)
 
+# The mesh axes lcr's default rules name. A mesh may leave any of them out (e.g. axes
+# ('data', 'expert')); rules then drop it (see MeshConfig.active_rules).
+KNOWN_MESH_AXES = ('data', 'fsdp', 'tensor', 'expert')
+
 DEFAULT_RULES: tuple[MeshRule, ...] = (
+    # Expert parallelism (GShard, Lepikhin et al. 2020 §2.2): experts over 'expert', and the batch
+    # over data × expert; the experts' inputs [experts, batch, ...] keep the rest of the batch axes.
+    ('expert', 'expert'),
+    ('batch', ('data', 'fsdp', 'expert')),
     ('batch', ('data', 'fsdp')),
     ('embed', 'fsdp'),
     ('heads', 'tensor'),
@@ -462,12 +543,22 @@ class MeshConfig:
       fail('mesh.shape', self.shape, 'at most one size may be -1 (the remaining devices)')
     for name, axes in rules:
       for axis in (axes if isinstance(axes, tuple) else (axes,)):
-        if axis is not None and axis not in self.axes:
+        if axis is not None and axis not in self.axes and axis not in KNOWN_MESH_AXES:
           fail('mesh.rules', (name, axes), f'names mesh axis {axis!r}, not one of {self.axes}')
+
+  @property
+  def active_rules(self) -> tuple[MeshRule, ...]:
+    """``rules`` without the known mesh axes (e.g. 'expert') this mesh does not have."""
+    def keep(axes):
+      if isinstance(axes, tuple):
+        kept = tuple(a for a in axes if a in self.axes)
+        return kept or None
+      return axes if axes is None or axes in self.axes else None
+    return tuple((name, keep(axes)) for name, axes in self.rules)
 
   def axes_of(self, logical: str) -> tuple[str, ...]:
     """The mesh axes the first rule for ``logical`` maps it to (() = replicated)."""
-    for name, axes in self.rules:
+    for name, axes in self.active_rules:
       if name == logical:
         return () if axes is None else axes if isinstance(axes, tuple) else (axes,)
     return ()

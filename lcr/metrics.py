@@ -44,9 +44,11 @@ def peak_flops(device_kind: str, dtype: str) -> float | None:
 def flops_per_token(cfg: ModelConfig, num_params: int, seq_len: int) -> float:
   """Training FLOPs per token, 6N + 6·L·T·D (Kaplan et al. 2020 §2.1; forward 2N+2LTD, backward 2×).
 
-  N counts every parameter (a tied embedding is also the output projection's matmul).
+  N counts every parameter a token passes through (a tied embedding is also the output
+  projection's matmul; of an MoE layer's experts, the k it is routed to).
   """
-  return 6.0 * num_params + 6.0 * cfg.num_layers * seq_len * cfg.d_model
+  from lcr import moe   # pylint: disable=import-outside-toplevel  (the model room imports JAX)
+  return 6.0 * moe.active_params(cfg, num_params) + 6.0 * cfg.num_layers * seq_len * cfg.d_model
 
 
 def format_duration(seconds: float) -> str:

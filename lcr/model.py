@@ -87,12 +87,14 @@ class CrossAttention(Attention):
 
 
 class Block(nn.Module):
-  """One Transformer layer: pre-norm x + f(norm(x)) or post-norm norm(x + f(x)) (Xiong et al. 2020).
+  """One Transformer layer: attention and FFN, each wrapped by layers.RESIDUALS[norm_placement]:
+  pre-norm x + f(norm(x)), post-norm norm(x + f(x)) (Xiong et al. 2020) or DeepNorm.
 
   ``cache``/``fresh_cache``: decode with a KV cache of that layout (see :class:`Attention`).
   """
   cfg: ModelConfig
   deterministic: bool = True
+  ffn_kind: str = ''    # this layer's FFN (cfg.ffn_kind(layer)); '' = cfg.ffn
   cache: CacheLayout | None = None
   fresh_cache: bool = False
 
@@ -100,21 +102,40 @@ class Block(nn.Module):
   def __call__(self, x_BxTxD, positions_BxT, segments_BxT, pos_table):
     cfg = self.cfg
     drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
+    ffn = self.ffn_kind or cfg.ffn
     mixer, scope = mixers.select(cfg, Attention)   # attention, or lcr.mixers (model.mixer/memory)
     attend = mixer(cfg, self.cache, name=scope)
     sublayers = (
         ('attn', lambda h: attend(h, positions_BxT, segments_BxT, pos_table,
                                   fresh_cache=self.fresh_cache)),
-        ('ffn', lambda h: layers.FFNS[cfg.ffn](cfg, name='ffn')(h)),
+        ('ffn', lambda h: layers.FFNS[ffn](cfg, ffn, self.deterministic, name='ffn')(h)),
     )
     x = x_BxTxD
     for name, sublayer in sublayers:
-      if cfg.norm_placement == 'pre':
-        x = x + drop(sublayer(layers.norm(cfg, f'{name}_norm')(x).astype(x.dtype)))
-      else:
-        x = layers.norm(cfg, f'{name}_norm')(x + drop(sublayer(x))).astype(x.dtype)
+      x = layers.RESIDUALS[cfg.norm_placement](
+          cfg, x, lambda h, f=sublayer: drop(f(h)), layers.norm(cfg, f'{name}_norm'))
       x = nn.with_logical_constraint(x, EMBED_AXES)
     return x, None
+
+
+class BlockGroup(nn.Module):
+  """``len(ffns)`` consecutive layers, one per FFN kind: what nn.scan repeats when the layers of an
+  MoE model differ (moe.every > 1)."""
+  cfg: ModelConfig
+  deterministic: bool = True
+  ffns: tuple[str, ...] = ()
+  cache: CacheLayout | None = None
+  fresh_cache: bool = False
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT, segments_BxT, pos_table):
+    remat = self.cfg.remat and self.cache is None
+    block = nn.remat(Block, prevent_cse=False) if remat else Block
+    for j, ffn in enumerate(self.ffns):
+      x_BxTxD, _ = block(self.cfg, self.deterministic, ffn, self.cache, self.fresh_cache,
+                         name=f'block_{j}')(
+          x_BxTxD, positions_BxT, segments_BxT, pos_table)
+    return x_BxTxD, None
 
 
 class TransformerLM(nn.Module):
@@ -165,19 +186,7 @@ class TransformerLM(nn.Module):
     x = nn.Dropout(cfg.dropout, deterministic=deterministic)(x)
     pos_table = positional.T5Table(cfg, name='t5_bias')() if cfg.pos == 't5' else None
 
-    block = Block
-    if cfg.remat and self.cache is None:
-      block = nn.remat(block, prevent_cse=not cfg.scan_layers)
-    block_args = (cfg, deterministic, self.cache, fresh_cache)
-    if cfg.scan_layers:
-      x, _ = nn.scan(block, variable_axes={'params': 0, 'cache': 0},
-                     split_rngs={'params': True, 'dropout': True},
-                     in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
-                     metadata_params={nn.PARTITION_NAME: 'layers'})(
-                         *block_args, name='layers')(x, positions_BxT, segment_ids_BxT, pos_table)
-    else:
-      for i in range(cfg.num_layers):
-        x, _ = block(*block_args, name=f'layer_{i}')(x, positions_BxT, segment_ids_BxT, pos_table)
+    x = self._layers(x, positions_BxT, segment_ids_BxT, pos_table, deterministic, fresh_cache)
     if logits_index is not None:   # [B] → the hidden state at that index of each row, [B, 1, D]
       x = jnp.take_along_axis(x, jnp.asarray(logits_index)[:, None, None], axis=1)
     if cfg.norm_placement == 'pre':
@@ -188,6 +197,33 @@ class TransformerLM(nn.Module):
     else:
       logits = layers.dense(cfg, cfg.vocab_size, ('embed', 'vocab'), 'output')(x)
     return nn.with_logical_constraint(logits.astype(jnp.float32), ('batch', 'length', 'vocab'))
+
+  def _layers(self, x, positions_BxT, segment_ids_BxT, pos_table, deterministic: bool,
+              fresh_cache: bool):
+    cfg = self.cfg
+    ffns = tuple(cfg.ffn_kind(i) for i in range(cfg.num_layers))
+    block = Block
+    if cfg.remat and self.cache is None:
+      block = nn.remat(block, prevent_cse=not cfg.scan_layers)
+    decode = (self.cache, fresh_cache)
+    if cfg.scan_layers:
+      # One scanned unit per period of the FFN pattern: a Block, or a BlockGroup of `moe.every`.
+      period = cfg.moe.every if len(set(ffns)) > 1 else 1
+      unit, args = (block, (ffns[0],)) if period == 1 else (BlockGroup, (ffns[:period],))
+      # Sown auxiliary losses and metrics are stacked over the scanned layers (scan would drop
+      # them otherwise).
+      stacked = {'params': 0, 'cache': 0, layers.AUX_LOSSES: 0, layers.MODEL_METRICS: 0}
+      x, _ = nn.scan(unit, variable_axes=stacked, split_rngs={'params': True, 'dropout': True},
+                     in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                     length=cfg.num_layers // period,
+                     metadata_params={nn.PARTITION_NAME: 'layers'})(
+                         cfg, deterministic, *args, *decode, name='layers')(
+                             x, positions_BxT, segment_ids_BxT, pos_table)
+      return x
+    for i in range(cfg.num_layers):
+      x, _ = block(cfg, deterministic, ffns[i], *decode, name=f'layer_{i}')(
+          x, positions_BxT, segment_ids_BxT, pos_table)
+    return x
 
   def _embedded_positions(self, positions_BxT: jax.Array, segment_ids_BxT: jax.Array) -> jax.Array:
     """The positions absolute encodings embed: StreamingLLM's cache positions when it renumbers."""

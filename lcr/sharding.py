@@ -15,7 +15,7 @@ from absl import logging
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lcr.config import ConfigError, MeshConfig, fail
+from lcr.config import ConfigError, MeshConfig, ModelConfig, fail
 
 
 def on_cloud_tpu_vm() -> bool:
@@ -96,9 +96,20 @@ def check_batch(mesh: Mesh, cfg: MeshConfig, batch_size: int, field: str = 'trai
          f'{cfg.axes_of("batch")}) must be a multiple of the process count')
 
 
+def check_experts(mesh: Mesh, cfg: MeshConfig, model: ModelConfig) -> None:
+  """Fails before compilation unless the experts split evenly over the mesh axes of 'expert'."""
+  if model.ffn != 'moe':
+    return
+  ways = math.prod(mesh.shape[a] for a in cfg.axes_of('expert'))
+  if model.moe.num_experts % ways:
+    fail('model.moe.num_experts', model.moe.num_experts,
+         f'must be divisible by the expert-parallel size {ways} (mesh axes {cfg.axes_of("expert")} '
+         f'of mesh {dict(mesh.shape)}); use a multiple of {ways} or change mesh.shape')
+
+
 def batch_sharding(mesh: Mesh, cfg: MeshConfig) -> NamedSharding:
   """[batch, length] arrays: rows split over the data-parallel axes."""
-  return NamedSharding(mesh, nn.logical_to_mesh_axes(('batch', 'length'), cfg.rules))
+  return NamedSharding(mesh, nn.logical_to_mesh_axes(('batch', 'length'), cfg.active_rules))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -125,7 +136,7 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, cfg: MeshConfig) -> Any:
   Leaves without annotations (step counters, scalars) are replicated.
   """
   specs = nn.get_partition_spec(abstract_tree)
-  mesh_specs = nn.logical_to_mesh(specs, cfg.rules)
+  mesh_specs = nn.logical_to_mesh(specs, cfg.active_rules)
   shapes = jax.tree.map(lambda x: x.shape, nn.meta.unbox(abstract_tree))
   return jax.tree.map(lambda spec, shape: NamedSharding(mesh, _fit(spec, shape, mesh)),
                       mesh_specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))

@@ -15,14 +15,16 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from lcr import losses, matmul_layout, optim, sharding
+from lcr import layers, losses, matmul_layout, moe, optim, sharding
 from lcr.config import Config
 from lcr.mixers import carry
 from lcr.model import TransformerLM
 
 # Flax collection in which a module reports auxiliary losses (``self.sow(AUX_LOSSES, name, v)``);
-# the trainer adds the sum of everything sown there to the token cross-entropy.
-AUX_LOSSES = 'losses'
+# the trainer adds the sum of everything sown there to the token cross-entropy. Scalars sown in
+# MODEL_METRICS (MoE routing statistics) are returned with the train step's metrics.
+AUX_LOSSES = layers.AUX_LOSSES
+MODEL_METRICS = layers.MODEL_METRICS
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -87,34 +89,32 @@ def param_shardings(model: TransformerLM, seq_len: int, mesh: Mesh, config: Conf
 
 
 def forward(model: TransformerLM, params: Any, batch: Batch, *, rng: jax.Array | None = None):
-  """(logits [B, T, V] float32, sum of auxiliary losses the model sowed).
+  """(logits [B, T, V] float32, sum of auxiliary losses the model sowed)."""
+  logits, sown = forward_sown(model, params, batch, rng=rng)
+  return logits, sown_aux_loss(sown)
 
+
+def forward_sown(model: TransformerLM, params: Any, batch: Batch, *, rng: jax.Array | None = None,
+                 memory: Any = None):
+  """(logits [B, T, V] float32, the collections the model sowed: AUX_LOSSES, MODEL_METRICS).
+
+  With ``memory`` (data.contiguous: the ``cache`` collection of a stateful model, lcr.mixers.carry)
+  the model starts from that state, and the returned collections hold the one it ends in, 'cache'.
   Dense layers run as 2-D matmuls (lcr.matmul_layout): same result, a faster backward pass.
   """
   deterministic = rng is None
+  variables = {'params': params} if memory is None else {'params': params, 'cache': memory}
+  mutable = [AUX_LOSSES, MODEL_METRICS] + ([] if memory is None else ['cache'])
   with matmul_layout.two_d_matmuls():
-    logits, aux = model.apply({'params': params}, batch['inputs'], batch['positions'],
-                              batch['segment_ids'], deterministic=deterministic,
-                              rngs=None if deterministic else {'dropout': rng},
-                              mutable=[AUX_LOSSES])
-  aux_loss = sum((jnp.sum(x) for x in jax.tree.leaves(aux)), jnp.zeros((), jnp.float32))
-  return logits, aux_loss
+    return model.apply(variables, batch['inputs'], batch['positions'],
+                       batch['segment_ids'], deterministic=deterministic,
+                       rngs=None if deterministic else {'dropout': rng}, mutable=mutable)
 
 
-def forward_with_memory(model: TransformerLM, params: Any, memory: Any, batch: Batch, *,
-                        rng: jax.Array | None = None):
-  """(logits, aux loss, memory after the batch): :func:`forward` of a model that starts from the
-  state ``memory`` (its ``cache`` collection, lcr.mixers.carry) and returns the one it ends in."""
-  deterministic = rng is None
-  with matmul_layout.two_d_matmuls():
-    logits, updated = model.apply({'params': params, 'cache': memory}, batch['inputs'],
-                                  batch['positions'], batch['segment_ids'],
-                                  deterministic=deterministic,
-                                  rngs=None if deterministic else {'dropout': rng},
-                                  mutable=[AUX_LOSSES, 'cache'])
-  aux = updated.get(AUX_LOSSES, {})
-  aux_loss = sum((jnp.sum(x) for x in jax.tree.leaves(aux)), jnp.zeros((), jnp.float32))
-  return logits, aux_loss, jax.lax.stop_gradient(nn.meta.unbox(updated['cache']))
+def sown_aux_loss(sown: Any) -> jax.Array:
+  """The sum of everything sown in AUX_LOSSES (0 when nothing was)."""
+  return sum((jnp.sum(x) for x in jax.tree.leaves(sown.get(AUX_LOSSES, {}))),
+             jnp.zeros((), jnp.float32))
 
 
 def make_train_step(model: TransformerLM, tx: optax.GradientTransformation,
@@ -124,22 +124,23 @@ def make_train_step(model: TransformerLM, tx: optax.GradientTransformation,
     rng = jax.random.fold_in(jax.random.key(seed), state.step)   # dropout: same on resume
 
     def loss_fn(params):
-      memory = state.memory
-      if memory is None:
-        logits, aux_loss = forward(model, params, batch, rng=rng)
-      else:   # data.contiguous: continue from the last step's state
-        logits, aux_loss, memory = forward_with_memory(model, params, memory, batch, rng=rng)
+      logits, sown = forward_sown(model, params, batch, rng=rng, memory=state.memory)
+      aux_loss = sown_aux_loss(sown)
       sum_loss, sum_weights = losses.cross_entropy(logits, batch['targets'], batch['weights'])
       ce = sum_loss / jnp.maximum(sum_weights, 1.0)
-      return ce + aux_loss, (ce, aux_loss, sum_weights, memory)
+      # data.contiguous: the state the next step starts from (no gradient across steps)
+      memory = (None if state.memory is None
+                else jax.lax.stop_gradient(nn.meta.unbox(sown['cache'])))
+      return ce + aux_loss, (ce, aux_loss, sum_weights, sown.get(MODEL_METRICS, {}), memory)
 
-    (_, (ce, aux_loss, tokens, memory)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
+    (_, (ce, aux_loss, tokens, sown_metrics, memory)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                            opt_state=opt_state, memory=memory)
     metrics = {'loss': ce, 'aux_loss': aux_loss, 'grad_norm': optax.tree.norm(grads),
-               'lr': schedule(state.step), 'train_tokens': tokens}
+               'lr': schedule(state.step), 'train_tokens': tokens,
+               **moe.summarize(sown_metrics, getattr(model, 'cfg', None))}
     return new_state, metrics
   return train_step
 
@@ -157,7 +158,8 @@ def _under_axis_rules(fn: Callable, mesh: Mesh, config: Config) -> Callable:
   constraints (``nn.with_logical_constraint``) become sharding constraints."""
   @functools.wraps(fn)
   def traced(*args):
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(config.mesh.rules):
+    with (jax.sharding.use_abstract_mesh(mesh.abstract_mesh),
+          nn.logical_axis_rules(config.mesh.active_rules)):
       return fn(*args)
   return traced
 
@@ -181,6 +183,7 @@ def make_trainer(config: Config, mesh: Mesh | None = None) -> Trainer:
   """
   mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
   sharding.check_batch(mesh, config.mesh, config.train.batch_size)
+  sharding.check_experts(mesh, config.mesh, config.model)
   model = TransformerLM(config.model)
   schedule = optim.learning_rate(config.train)
   tx = optim.optimizer(config.train)

@@ -226,6 +226,7 @@ class _Loop:
       record = {k: host[k] for k in ('loss', 'lr', 'grad_norm')}
       if host['aux_loss']:
         record['aux_loss'] = host['aux_loss']
+      record.update({k: v for k, v in host.items() if k.startswith('moe_')})   # lcr.moe.summarize
       record.update(tokens_per_s=timing['tokens_per_s'], step_time_s=timing['step_time_s'])
       if self.flops_per_s_peak:
         record['mfu'] = self.flops_per_token * timing['tokens_per_s'] / self.flops_per_s_peak

@@ -88,7 +88,7 @@ def test_overrides_parse_to_the_field_type():
 
 @pytest.mark.parametrize('override, message', [
     ('model.nope=1', 'config field model.nope does not exist .*fields of model are: .*d_model'),
-    ('nope.x=1', 'config field nope.x does not exist .*fields of the config are: data, eval'),
+    ('nope.x=1', 'config field nope.x does not exist .*fields of the config are: data, decode, eval'),
     ('seed.x=1', 'seed is a value, not a section'),
     ('train.steps=many', "train.steps='many' is invalid: expected an integer"),
     ('train.tensorboard=maybe', 'expected true or false'),

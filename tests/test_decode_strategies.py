@@ -185,6 +185,30 @@ def test_sampling_on_eight_devices_equals_one_device(tiny):
   assert not np.array_equal(one.tokens, other_seed.tokens)
 
 
+def test_the_cache_is_sharded_like_the_activations(tiny):
+  """Under the mesh rules the prefilled cache splits its batch over data and its K/V heads over
+  tensor, as the model's logical axes say."""
+  import flax.linen as nn
+  from jax.sharding import PartitionSpec as P
+  from lcr import sharding
+  from lcr.config import MeshConfig
+  cfg, params = tiny
+  mesh_cfg = MeshConfig(shape=(4, 1, 2))
+  mesh = sharding.make_mesh(mesh_cfg)
+  stepper = engine.Stepper(cfg, DecodeConfig(max_new_tokens=4), prompt_len=6)
+
+  def prefill(params, prompt, lengths):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(mesh_cfg.active_rules):
+      return stepper.prefill(params, prompt, lengths)
+  batch = sharding.batch_sharding(mesh, mesh_cfg)
+  rows = jax.sharding.NamedSharding(mesh, P(batch.spec[0]))
+  jitted = jax.jit(prefill, in_shardings=(engine.param_shardings(cfg, mesh, mesh_cfg), batch, rows))
+  _, state = jitted(params, jnp.ones((8, 6), jnp.int32), jnp.full((8,), 6, jnp.int32))
+  for name in ('key', 'value'):
+    spec = state['layer_1']['attention']['cache'][name].value.sharding.spec
+    assert spec[:2] == (('data', 'fsdp'), 'tensor') or spec[:2] == ('data', 'tensor'), spec
+
+
 # ----------------------------------------------------------------------------------------------
 # Beam search.
 
@@ -250,6 +274,20 @@ def test_beam_search_keeps_finished_hypotheses_and_beats_greedy_on_hand_built_lo
   np.testing.assert_allclose(np.asarray(scores)[0], [(np.log(0.4) + np.log(0.98)) / (7 / 6) ** 2,
                                                      np.log(0.45)], rtol=1e-4)
   np.testing.assert_allclose(np.asarray(raw)[0, 1], np.log(0.45), rtol=1e-5)
+
+
+def test_beam_search_goes_on_while_a_live_beam_can_still_win():
+  """One beam: [EOS] finishes first (log 0.55 = −0.598), so n hypotheses are finished, but the
+  live beam [a] (log 0.45) may still reach −0.799 / lp(4) = −0.355 with α = 2; it goes on and
+  [a, EOS] wins: (log 0.45 + log 0.999) / (7/6)^2 = −0.587."""
+  eps = 1e-6
+  table = [[0.25] * 4, [0.25] * 4, [eps, 0.999, eps, 0.001 - 2 * eps], [eps, 0.55, 0.45 - 2 * eps, eps]]
+  seqs, lens, scores, _ = jax.jit(lambda: beam.search_loop(
+      TableStepper(table), None, jnp.asarray([[3]]), jnp.asarray([1]), n=1, max_new=4,
+      alpha=2.0, eos_id=1))()
+  assert int(lens[0, 0]) == 2 and np.asarray(seqs)[0, 0, :2].tolist() == [2, 1]
+  np.testing.assert_allclose(float(scores[0, 0]), (np.log(0.45 - 2 * eps) + np.log(0.999)) / (7 / 6) ** 2,
+                             rtol=1e-5)
 
 
 def test_beam_search_stops_once_no_live_beam_can_win():

@@ -247,7 +247,7 @@ def generate(params: Any, model_cfg: ModelConfig, decode: DecodeConfig,
   """Greedy or sampled continuations of ``prompts`` (token arrays) under ``decode``.
 
   With ``mesh`` the batch is split over the mesh's data axes and the cache follows the model's
-  logical axes (``mesh_cfg.rules``); the result is the same on any number of devices.
+  logical axes (``mesh_cfg.active_rules``); the result is the same on any number of devices.
   """
   if decode.strategy == 'beam':
     raise ValueError("decode.strategy='beam' goes through lcr.decode.beam.beam_search")
@@ -273,7 +273,7 @@ def compiled(fn: Callable, mesh: jax.sharding.Mesh | None, mesh_cfg: MeshConfig 
   params_sharding = param_shardings(model_cfg, mesh, mesh_cfg)
 
   def traced(params, prompt, lengths):
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(mesh_cfg.rules):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(mesh_cfg.active_rules):
       return fn(params, prompt, lengths)
 
   jitted = jax.jit(traced, in_shardings=(params_sharding, batch, rows))
