@@ -214,9 +214,13 @@ def _key(row: dict) -> tuple[str, str]:
   return (row['mixer'], row['form']) if 'mixer' in row else (row['backend'], row['variant'])
 
 
+def length_label(n: int) -> str:
+  return f'{n // 1024}k' if n % 1024 == 0 else str(n)
+
+
 def table(rows: list[dict], lengths: list[int]) -> str:
   names = ('mixer', 'form') if rows and 'mixer' in rows[0] else ('backend', 'attention')
-  head = f'| {names[0]} | {names[1]} | ' + ' | '.join(f'{n // 1024}k' for n in lengths) + ' |'
+  head = f'| {names[0]} | {names[1]} | ' + ' | '.join(map(length_label, lengths)) + ' |'
   lines = [head, '|' + '---|' * (len(lengths) + 2)]
   for key in dict.fromkeys(map(_key, rows)):
     by_len = {r['length']: r for r in rows if _key(r) == key}
@@ -232,7 +236,7 @@ def growth(rows: list[dict]) -> list[str]:
                 if _key(r) == key and r['status'] == 'ok')
     if ok:
       notes.append(f'{key[0]}/{key[1]}: MB added by the forward pass: '
-                   + ', '.join(f'{n // 1024}k {mb}' for n, mb in ok))
+                   + ', '.join(f'{length_label(n)} {mb}' for n, mb in ok))
   return notes
 
 
