@@ -1,92 +1,76 @@
 #!/usr/bin/env bash
-# GPU check of the attention backends (needs an NVIDIA GPU and jax[cuda12]; about 2-3 minutes).
+# The GPU path in one script: attention correctness, train-step MFU, long-context evaluation.
 #
-#   bash benchmarks/gpu.sh
+# On the GPU machine (the device tool; .whl/ holds the ml_collections wheel, git-ignored):
+#   run(command='bash benchmarks/gpu.sh "$OUT"', carry=['.whl'], timeout_s=540)
+# Anywhere else with a GPU:        bash benchmarks/gpu.sh OUT_DIR
+# Check the script on a CPU:       bash benchmarks/gpu.sh OUT_DIR --cpu-dry-run
 #
-# 1. Correctness: cudnn (bf16) and chunked (bf16 and f32) against a float32 dense reference at
-#    highest matmul precision, with ALiBi and RoPE, causal and sliding-window masks, forward and
-#    gradients; exits non-zero on a mismatch.
-# 2. Throughput: forward tokens/s of a 4-layer, d_model 1024, 16-head bf16 RoPE LM per backend.
-set -euo pipefail
+# Parts, each under its own time limit so one failure does not eat the budget (~10 min in all):
+#   correctness  cudnn (bf16) and chunked (f32) against a float32 dense reference, ALiBi
+#                and RoPE, causal and sliding, forward and gradients            (limit 240 s)
+#   train        lcr's train step, ~125M GPT-2-small at 2048 tokens, bf16, 50 steps: tokens/s
+#                and MFU (data-sheet and measured peaks)                         (limit 150 s)
+#   train_preset the model of configs/lm.py:gpu (6 × 384, T 512), 50 steps       (limit 60 s)
+#   long_eval    forward at 32k and 128k tokens, auto (cudnn/chunked) and chunked (limit 110 s)
+# Writes OUT_DIR/<part>.log, OUT_DIR/results.jsonl (every JSON line) and OUT_DIR/summary.txt.
+# Needs: python3 with jax[cuda], flax, optax, orbax-checkpoint, absl-py, numpy, PyYAML; the data
+# room (grain, tensorflow-datasets) is not imported. ml_collections is installed from .whl/ when
+# the machine lacks it: python3 -m pip download --no-deps -d .whl ml_collections==1.1.0
+set -uo pipefail
 cd "$(dirname "$0")/.."
+OUT="${1:?usage: bash benchmarks/gpu.sh OUT_DIR [--cpu-dry-run]}"
+DRY="${2:-}"
+PY="${PYTHON:-python3}"
+mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
+export TF_CPP_MIN_LOG_LEVEL=2
 
-python - <<'EOF'
-import sys, time
-import jax, jax.numpy as jnp, numpy as np
-from lcr import attention, positional
-from lcr.attention import MaskSpec
-from lcr.config import ModelConfig
-from lcr.model import TransformerLM
+if ! "$PY" -c 'import ml_collections' 2>/dev/null; then
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --target /tmp/lcr_site .whl/*.whl
+    export PYTHONPATH="/tmp/lcr_site:$PYTHONPATH"
+  else
+    echo "ml_collections is missing and .whl/ holds no wheel"; exit 1
+  fi
+fi
 
-if jax.default_backend() != 'gpu':
-  sys.exit(f'no GPU: jax.default_backend() is {jax.default_backend()!r}')
-print(jax.devices()[0].device_kind, 'jax', jax.__version__)
-H, KV, D = 8, 2, 64
-failed = []
+flag=""
+short=(1024 2048)          # long_eval lengths of a dry run
+long=(32768 131072)
+if [ "$DRY" = "--cpu-dry-run" ]; then
+  flag="--cpu_dry_run"; long=("${short[@]}")
+  export JAX_PLATFORMS=cpu
+fi
 
-def inputs(t, pos):
-  key = jax.random.split(jax.random.PRNGKey(t), 3)
-  q = jax.random.normal(key[0], (1, t, H, D), jnp.float32)
-  k, v = (jax.random.normal(x, (1, t, KV, D), jnp.float32) for x in key[1:])
-  p = jnp.arange(t)[None]
-  bias_fn = None
-  if pos == 'rope':
-    q, k = positional.rotate(ModelConfig(d_model=H * D, num_heads=H, num_kv_heads=KV), q, k, p, p)
-  else:
-    bias_fn = positional.alibi_bias(H)
-  return q, k, v, p, bias_fn
+status=0
+note() { echo "$*" | tee -a "$OUT/summary.txt"; }
+part() {   # part NAME LIMIT_S COMMAND...: runs COMMAND with a time limit, logs, collects JSON lines
+  local name="$1" limit="$2"; shift 2
+  local start=$SECONDS
+  note "== $name (limit ${limit} s)"
+  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  grep '^{' "$OUT/$name.log" | sed "s/^{/{\"part\": \"$name\", /" >> "$OUT/results.jsonl"
+  grep -v '^{' "$OUT/$name.log" | grep -v -i 'warning\|^ *warnings.warn\|^$' | tail -n 40 \
+    >> "$OUT/summary.txt"
+  local verdict="ok"
+  [ $rc -eq 124 ] || [ $rc -eq 137 ] && verdict="TIMEOUT"
+  [ $rc -ne 0 ] && [ "$verdict" = "ok" ] && verdict="FAILED (exit $rc)"
+  [ $rc -ne 0 ] && status=1
+  note "-- $name: $verdict after $((SECONDS - start)) s"
+}
 
-def run(backend, dtype, q, k, v, p, bias_fn, mask):
-  def loss(q, k, v):
-    out = attention.attend(q.astype(dtype), k.astype(dtype), v.astype(dtype), q_pos=p, k_pos=p,
-                           bias_fn=bias_fn, mask=mask, backend=backend, chunk=512)
-    return jnp.sum(out.astype(jnp.float32) * jnp.cos(q)), out
-  (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
-  return [np.asarray(x, np.float32) for x in (out, *grads)]
-
-print('\n== correctness: max |error| vs float32 dense reference (out, dq, dk, dv) ==')
-for t in (1024, 4096):
-  for pos in ('alibi', 'rope'):
-    for mask in (MaskSpec(), MaskSpec('sliding', window=256)):
-      q, k, v, p, bias_fn = inputs(t, pos)
-      with jax.default_matmul_precision('highest'):
-        ref = run('xla', jnp.float32, q, k, v, p, bias_fn, mask)
-        checks = [('chunked', jnp.float32, 2e-4), ('chunked', jnp.bfloat16, 6e-2),
-                  ('cudnn', jnp.bfloat16, 6e-2)]
-        for backend, dtype, tol in checks:
-          got = run(backend, dtype, q, k, v, p, bias_fn, mask)
-          errs = [float(np.max(np.abs(g - r)) / max(1.0, float(np.max(np.abs(r)))))
-                  for g, r in zip(got, ref)]
-          ok = max(errs) < tol
-          failed += [] if ok else [(t, pos, mask.kind, backend)]
-          print(f'{t:6d} {pos:5s} {mask.kind:7s} {backend:7s} {jnp.dtype(dtype).name:8s} '
-                + ' '.join(f'{e:.1e}' for e in errs) + ('' if ok else f'  FAIL (tol {tol})'))
-
-print('\n== throughput: forward tokens/s, 4 layers, d_model 1024, 16 heads, bf16, RoPE ==')
-for t in (4096, 16384, 65536):
-  for backend in ('auto', 'cudnn', 'chunked', 'xla'):
-    cfg = ModelConfig(vocab_size=32000, num_layers=4, d_model=1024, num_heads=16, pos='rope',
-                      dtype='bfloat16', attention_backend=backend)
-    if backend == 'xla' and t > 16384:
-      print(f'{t:6d} {backend:8s} skipped (dense logits do not fit)'); continue
-    call = attention.Call('gpu', 'bfloat16', 1, 16, 64, t, t, False, MaskSpec())
-    if backend == 'cudnn' and attention.choose(call)[0] != 'cudnn':
-      print(f'{t:6d} {backend:8s} skipped ({attention.choose(call)[1]})'); continue
-    model = TransformerLM(cfg)
-    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))
-    tokens = jnp.zeros((1, t), jnp.int32)
-    fwd = jax.jit(model.apply)
-    jax.block_until_ready(fwd(params, tokens))
-    times = []
-    for _ in range(3):
-      start = time.perf_counter(); jax.block_until_ready(fwd(params, tokens))
-      times.append(time.perf_counter() - start)
-    note = f' (auto → {attention.choose(call)[0]})' if backend == 'auto' else ''
-    print(f'{t:6d} {backend:8s} {t / np.median(times):12,.0f} tokens/s{note}')
-
-if failed:
-  sys.exit(f'mismatches: {failed}')
-print('\nall correctness checks passed')
-EOF
+: > "$OUT/results.jsonl"
+: > "$OUT/summary.txt"
+note "$("$PY" -c 'import jax; print("jax", jax.__version__, jax.devices())' 2>&1 | tail -n 1)"
+part correctness 240 "$PY" benchmarks/gpu_check.py correctness $flag
+part train 150 "$PY" benchmarks/gpu_check.py train --model=gpt2 --steps=50 $flag
+part train_preset 60 "$PY" benchmarks/gpu_check.py train --model=gpu_preset --steps=50 $flag
+part long_eval 110 "$PY" benchmarks/long_eval.py --lengths="$(IFS=,; echo "${long[*]}")" \
+  --backends=auto,chunked --variants=causal --pos=rope --dtype=bfloat16 --timeout=50 \
+  --memory_budget_gb=64
+note "status $status"
+echo; echo "==== summary ($OUT/summary.txt)"; cat "$OUT/summary.txt"
+exit $status

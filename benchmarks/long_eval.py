@@ -40,6 +40,7 @@ _POS = flags.DEFINE_string('pos', 'alibi', 'positional encoding of the model')
 _WINDOW = flags.DEFINE_integer('window', 1024, 'window of sliding/longformer/sinks')
 _BLOCK = flags.DEFINE_integer('block', 512, 'attention_block of bigbird/blockwise')
 _CHUNK = flags.DEFINE_integer('chunk', 512, 'model.attention_chunk')
+_DTYPE = flags.DEFINE_string('dtype', 'float32', 'model.dtype (bfloat16 lets auto pick cudnn on a GPU)')
 _BUDGET = flags.DEFINE_float('memory_budget_gb', 12.0, 'largest estimated peak to start')
 _TIMEOUT = flags.DEFINE_integer('timeout', 1800, 'seconds per measurement')
 _SINGLE = flags.DEFINE_string('single', '', 'internal: measure backend:variant:length here')
@@ -57,7 +58,7 @@ def model_config(backend: str, variant: str):
   from lcr.config import ModelConfig
   return ModelConfig(**MODEL, pos=_POS.value, attention_backend=backend, attention=variant,
                      window=_WINDOW.value, attention_block=_BLOCK.value,
-                     attention_chunk=_CHUNK.value)
+                     attention_chunk=_CHUNK.value, dtype=_DTYPE.value)
 
 
 MIXER_MODELS = {   # model fields per --mixers name; memories take segments of --train_len
@@ -75,7 +76,7 @@ def mixer_config(mixer: str, form: str):
     extra.update(segment_length=n, memory_length=n if mixer == 'xl' else 0)
   if form == 'chunkwise':
     extra.update(mixer_chunk=n)
-  return ModelConfig(**MODEL, **extra)
+  return ModelConfig(**MODEL, **extra, dtype=_DTYPE.value)
 
 
 def mixer_applies(mixer: str, form: str) -> str | None:
@@ -161,8 +162,12 @@ def measure(backend: str, variant: str, length: int) -> dict:
   jax.block_until_ready(forward(params, tokens))
   seconds = time.perf_counter() - start
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-  return dict(seconds=round(seconds, 3), peak_rss_mb=round(peak), compiled_rss_mb=round(base),
-              status='ok')
+  row = dict(seconds=round(seconds, 3), peak_rss_mb=round(peak), compiled_rss_mb=round(base),
+             status='ok')
+  stats = jax.devices()[0].memory_stats()   # accelerators: the device's own peak
+  if stats and 'peak_bytes_in_use' in stats:
+    row['device_peak_mb'] = round(stats['peak_bytes_in_use'] / 2**20)
+  return row
 
 
 def run_child(backend: str, variant: str, length: int, mixer: bool = False) -> dict:
@@ -183,7 +188,7 @@ def run_child(backend: str, variant: str, length: int, mixer: bool = False) -> d
   single = f'--single_mixer={backend}:{variant}:{length}' if mixer else (
       f'--single={backend}:{variant}:{length}')
   argv = [sys.executable, os.path.abspath(__file__), single,
-          *(f'--{f.name}={f.value}' for f in (_POS, _WINDOW, _BLOCK, _CHUNK, _TRAIN_LEN))]
+          *(f'--{f.name}={f.value}' for f in (_POS, _WINDOW, _BLOCK, _CHUNK, _TRAIN_LEN, _DTYPE))]
   env = {**os.environ, 'PYTHONPATH': os.pathsep.join(
       [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
        os.environ.get('PYTHONPATH', '')])}
@@ -203,6 +208,8 @@ def run_child(backend: str, variant: str, length: int, mixer: bool = False) -> d
 def cell(row: dict) -> str:
   if row['status'] == 'n/a':
     return '—'
+  if row['status'] == 'ok' and 'device_peak_mb' in row:
+    return f"{row['seconds']:.2f} s / {row['device_peak_mb'] / 1024:.2f} GB on device"
   if row['status'] == 'ok':
     return f"{row['seconds']:.2f} s / {row['peak_rss_mb'] / 1024:.2f} GB"
   if 'estimated_mb' in row:
@@ -260,11 +267,11 @@ def main(argv):
       rows.append(row)
       print(json.dumps(row), flush=True)
   if _MIXERS.value:
-    print(f'\nmixers, batch 1, 2 layers × d_model 128 × 4 heads; chunks, segments and memory of '
-          f'{_TRAIN_LEN.value} tokens; seconds / peak RSS\n')
+    print(f'\nmixers, {_DTYPE.value}, batch 1, 2 layers × d_model 128 × 4 heads; chunks, segments '
+          f'and memory of {_TRAIN_LEN.value} tokens; seconds / peak memory\n')
   else:
-    print(f'\nforward pass, {_POS.value}, batch 1, 2 layers × d_model 128 × 4 heads; '
-          f'chunk {_CHUNK.value}, window {_WINDOW.value}; seconds / peak RSS\n')
+    print(f'\nforward pass, {_POS.value}, {_DTYPE.value}, batch 1, 2 layers × d_model 128 × 4 '
+          f'heads; chunk {_CHUNK.value}, window {_WINDOW.value}; seconds / peak memory\n')
   print(table(rows, lengths))
   for note in growth(rows):
     print(note)

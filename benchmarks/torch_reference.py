@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 #                (layers, d_model, heads, seq_len, batch)
-MODELS = {'a': (4, 128, 4, 64, 12), 'b': (4, 256, 4, 256, 16), 'c': (6, 384, 6, 256, 16)}
+MODELS = {'a': (4, 128, 4, 64, 12), 'b': (4, 256, 4, 256, 16), 'c': (6, 384, 6, 256, 16),
+          # Model b at long lengths, 8192 tokens per step.
+          'b2k': (4, 256, 4, 2048, 4), 'b8k': (4, 256, 4, 8192, 1)}
 VOCAB = 128
 
 
@@ -96,7 +98,7 @@ def throughput(name: str, steps: int, repeats: int, skip_attention: bool = False
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--configs', default='a,b,c', help='which of a, b, c to run')
+  parser.add_argument('--configs', default='a,b,c', help='which of MODELS to run (a, b, c; b2k, b8k)')
   parser.add_argument('--steps', type=int, default=10, help='timed steps per run')
   parser.add_argument('--skip_attention', action='store_true',
                       help='also time the step with attention replaced by q + k + v')

@@ -42,11 +42,13 @@ from lcr.data.config import DataConfig  # noqa: E402
 
 #                (layers, d_model, heads, seq_len, batch)
 MODELS = {'a': (4, 128, 4, 64, 12), 'b': (4, 256, 4, 256, 16), 'c': (6, 384, 6, 256, 16),
-          'b_moe': (4, 256, 4, 256, 16)}
+          'b_moe': (4, 256, 4, 256, 16),
+          # Model b at long lengths, 8192 tokens per step.
+          'b2k': (4, 256, 4, 2048, 4), 'b8k': (4, 256, 4, 8192, 1)}
 # Mixture-of-experts models: (ffn_dim of each expert, MoeConfig fields besides capacity_factor).
 MOE_MODELS = {'b_moe': (512, dict(num_experts=8, top_k=2, renormalize=True))}
 
-_CONFIGS = flags.DEFINE_list('configs', ['a', 'b', 'c'], 'which of a, b, c to run')
+_CONFIGS = flags.DEFINE_list('configs', ['a', 'b', 'c'], 'which of MODELS to run (a, b, c; b_moe; b2k, b8k)')
 _STEPS = flags.DEFINE_integer('steps', 10, 'timed steps per config (after warmup)')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'timed runs per config; the best is reported')
 _COMPARE = flags.DEFINE_bool('compare_layouts', False, 'also time the step with the dense layers '

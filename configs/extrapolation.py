@@ -4,12 +4,20 @@
   python experiments/extrapolation.py --config=configs/extrapolation.py:paper --workdir=/data/runs/paper
   python experiments/sweep.py --config=configs/extrapolation.py:quick --workdir=runs/sweep --dry_run
 
+  python experiments/extrapolation.py --config=configs/extrapolation.py:retrieval --workdir=runs/retrieval
+  python experiments/extrapolation.py --config=configs/extrapolation.py:extend --workdir=runs/extend
+
 Presets (the argument after the colon):
   quick  the README's first command: built-in Bible text as bytes, 2 layers, d_model 128, L = 64,
          evaluated at 64 ... 2048 tokens, two worker processes; minutes on a 2-core CPU.
+  retrieval  MQAR and passkey with loss on the answers only (lcr.data.tasks), six encodings at
+         L = 64, recall by length (to 32L) × depth × RoPE scaling; passkey.png, recall.png.
+  extend  RoPE at L = 64, then fine-tuned at 4L with PI / NTK / YaRN × full / LoRA / LoRA with
+         trainable embeddings and norms (lcr.extend); extension.png and its table.
   paper  the ALiBi paper's setting (Press et al. 2022 §4: 16 layers, d_model 1024, 8 heads,
          L = 512, evaluated up to 16k) on PG-19 (tfds) with a 32k BPE vocabulary, for TPU VMs.
   smoke  two encodings, a few steps, two lengths: the end-to-end test.
+  smoke_phases  the retrieval and extension phases in seconds (tests/test_extend.py).
   directions  quick's models at half its steps with recurrence and memory (Transformer-XL,
          Infini-attention) and other token mixers (linear attention, RetNet, a Mamba-style SSM)
          next to RoPE and ALiBi, with passkey retrieval; docs/memory_and_mixers.md:
@@ -36,13 +44,21 @@ def _base() -> ml_collections.ConfigDict:
   config.study = ml_collections.ConfigDict(dict(
       # Comma-separated names, e.g. --config.study.variants=rope,alibi
       variants=ALL_VARIANTS,
-      # {variant name: {section: {field: value}}} applied on top of the shared config.
+      # {variant or task name: {section: {field: value}}} applied on top of the shared config.
       overrides=ml_collections.ConfigDict(),
       # Worker processes, each pinned to one CPU core and single-threaded (CPU only; 1 = in-process).
       parallel=1,
       # Fraction of training rows replaced by passkey examples at L (0 = plain language modelling).
       passkey_mix=0.0,
       passkey_mix_format='compact',
+      # data.task values to train every variant on, one model per (task, variant), e.g. 'mqar,passkey'
+      # (synthetic retrieval tasks, lcr.data.tasks); '' = the data section's task.
+      tasks='',
+      # The extension phase (lcr.extend): fine-tune these trained models (study model names) at
+      # factor × L under each RoPE scaling with each method; variants='' = no extension phase.
+      extend=ml_collections.ConfigDict(dict(
+          variants='', scalings='linear,ntk,yarn', methods='full,lora,lora_embed_norm', factor=4,
+          steps=200, eval_every=0, overrides=ml_collections.ConfigDict())),
   ))
   return config
 
@@ -64,6 +80,38 @@ def quick() -> ml_collections.ConfigDict:
   # learn it in 800 steps (--config.eval.passkey=true --config.study.passkey_mix=0.25 and many more
   # steps turn it on; see README).
   config.study.update(variants='sinusoidal,learned,rope,alibi,xpos,t5', parallel=2)
+  return config
+
+
+def retrieval() -> ml_collections.ConfigDict:
+  """MQAR and passkey (loss on the answers only) for six encodings at L = 64, recall to 2048."""
+  config = _base()
+  # 4 pairs, every example asking 16 queries (each key at least once): with one query per key a
+  # 2-layer model stays at chance for 2,000 steps; 16 answers per row, it recalls within 1,000.
+  config.data.update(corpus='bible', tokenizer='bytes', mqar_pairs=4, mqar_vocab=16,
+                     mqar_queries=16, passkey_format='compact')
+  config.model.update(num_layers=2, d_model=64, num_heads=4, attention_backend='auto',
+                      yarn_beta_fast=4.0, yarn_beta_slow=1.0)
+  config.train.update(steps=2000, batch_size=32, seq_len=64, lr=3e-3, warmup_steps=50,
+                      log_every=250, tensorboard=False, eval_batches=4)
+  config.eval.update(multipliers=(1, 2, 4, 8, 16, 32), batch_size=16, learned_positions='clamp',
+                     passkey_depths=(0.0, 0.25, 0.5, 0.75, 1.0), passkey_trials=16)
+  # Passkey is learnt within 500 steps (loss on the key < 0.01), MQAR needs more (RoPE ~750).
+  config.study.update(variants='sinusoidal,learned,rope,alibi,xpos,t5', tasks='mqar,passkey',
+                      parallel=2, overrides={'passkey': {'train': {'steps': 600}}})
+  return config
+
+
+def extend() -> ml_collections.ConfigDict:
+  """RoPE trained at L = 64, then fine-tuned at 256 with PI / NTK / YaRN × full / LoRA /
+  LoRA + embeddings and norms, evaluated to 1024."""
+  config = quick()
+  config.eval.update(multipliers=(1, 2, 4, 8, 16), rope_scalings=('none', 'linear', 'ntk', 'yarn'))
+  config.study.update(variants='rope', parallel=2)
+  config.study.extend.update(
+      variants='rope', scalings='linear,ntk,yarn', methods='full,lora,lora_embed_norm', factor=4,
+      steps=200, eval_every=50, overrides={'train': {'batch_size': 16, 'lr': 1e-3, 'warmup_steps': 20,
+                                      'log_every': 50}})
   return config
 
 
@@ -90,6 +138,20 @@ def smoke() -> ml_collections.ConfigDict:
                      passkey_modes=('teacher_forced', 'generate'))
   config.study.update(variants='rope,learned', parallel=1, passkey_mix=0.25)
   return config
+
+
+def smoke_phases() -> ml_collections.ConfigDict:
+  """The retrieval and extension phases in seconds: what tests/test_extend.py runs."""
+  config = smoke()
+  config.data.update(mqar_pairs=2, mqar_vocab=8)
+  config.train.update(steps=3)
+  config.eval.update(rope_scalings=('none', 'linear'), passkey=False, passkey_lengths=())
+  config.study.update(variants='rope', tasks='lm,mqar', passkey_mix=0.0)
+  config.study.extend.update(variants='lm-rope', scalings='linear', methods='lora', factor=2,
+                             steps=2, eval_every=1)
+  return config
+
+
 
 
 # study.overrides of the directions preset: each a memory or mixer (lcr.mixers) on quick's model.
@@ -123,7 +185,8 @@ def directions() -> ml_collections.ConfigDict:
   return config
 
 
-PRESETS = {'quick': quick, 'paper': paper, 'smoke': smoke, 'directions': directions}
+PRESETS = {'quick': quick, 'retrieval': retrieval, 'extend': extend, 'directions': directions,
+           'paper': paper, 'smoke': smoke, 'smoke_phases': smoke_phases}
 
 
 def get_config(arg: str = 'quick') -> ml_collections.ConfigDict:
@@ -139,7 +202,8 @@ def get_sweep(arg: str = 'quick') -> list[dict]:
   ``experiments/sweep.py`` gives each its own workdir and combines their results.
   """
   config = get_config(arg)
-  train_lens = {'quick': (64, 128), 'paper': (512, 1024), 'smoke': (48,), 'directions': (64,)}[arg]
+  train_lens = {'paper': (512, 1024), 'directions': (64,)}.get(
+      arg, (48,) if arg.startswith('smoke') else (64, 128))
   seeds = (0, 1)
   return [{'study.variants': variant, 'seed': seed, 'train.seq_len': length}
           for variant in config.study.variants.split(',') for seed in seeds for length in train_lens]

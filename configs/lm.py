@@ -1,8 +1,11 @@
-"""Language-model presets: smoke (seconds), cpu (~10 min on 2 cores), gpu, tpu (~125M parameters).
+"""Language-model presets: smoke (seconds), cpu (~10 min on 2 cores), gpu, tpu (~125M parameters),
+long (8192 tokens, the sequence sharded over every device).
 
     python run.py --config=configs/lm.py:smoke --workdir=/tmp/lcr_smoke
     python run.py --config=configs/lm.py:cpu --workdir=runs/cpu --config.model.pos=alibi
     python run.py --config=configs/lm.py:gpu --workdir=runs/gpu
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+      python run.py --config=configs/lm.py:long --workdir=runs/long   # 8 simulated CPU devices
 
 The ``tpu`` preset trains a GPT-2-small-sized model (12 layers, d_model 768, 12 heads, ~125M
 parameters with a 32k BPE vocabulary) at 1024 tokens on PG-19. Prepare the corpus once (on one
@@ -23,7 +26,7 @@ import ml_collections
 
 from configs import base
 
-PRESETS = ('smoke', 'cpu', 'gpu', 'tpu')
+PRESETS = ('smoke', 'cpu', 'gpu', 'tpu', 'long')
 
 
 def _smoke(c: ml_collections.ConfigDict) -> None:
@@ -59,6 +62,16 @@ def _tpu(c: ml_collections.ConfigDict) -> None:
   c.train.update(steps=20000, batch_size=256, seq_len=1024, lr=6e-4, warmup_steps=1000,
                  log_every=100, eval_every=1000, eval_batches=16, checkpoint_every=1000)
   c.mesh.shape = (-1, 1, 1)
+
+
+def _long(c: ml_collections.ConfigDict) -> None:
+  """8192-token rows, the sequence sharded over every device with ring attention
+  (docs/context_parallelism.md); on one device the same run without sharding."""
+  c.model.update(num_layers=2, d_model=128, num_heads=4, pos='rope', context_parallel='ring')
+  c.train.update(steps=300, batch_size=2, seq_len=8192, lr=2e-3, warmup_steps=30, log_every=10,
+                 eval_every=100, eval_batches=2, checkpoint_every=100)
+  c.eval.update(lengths=(8192, 16384), rope_scalings=('none',), max_tokens=32768, batch_size=1)
+  c.mesh.update(axes=('data', 'sequence'), shape=(1, -1))
 
 
 def get_config(preset: str = 'smoke') -> ml_collections.ConfigDict:

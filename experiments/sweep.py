@@ -1,5 +1,9 @@
 """Expands a config's sweep into runs and runs them here, one after another, or on a TPU VM.
 
+The config file's ``EXPERIMENT`` names the script each run executes (default
+experiments/extrapolation.py; configs/length_generalization.py runs
+experiments/length_generalization.py).
+
   python experiments/sweep.py --config=configs/extrapolation.py:quick --workdir=runs/sweep
   python experiments/sweep.py --config=configs/extrapolation.py:paper --workdir=/data/sweep \\
       --launcher=tpu_vm --tpu=my-v4-32 --zone=us-central2-b --repo_dir=~/lcr --dry_run
@@ -58,13 +62,30 @@ def run_name(overrides: dict) -> str:
   return re.sub(r'[^A-Za-z0-9_.+-]', '_', '-'.join(parts)) or 'run'
 
 
-def expand(config_spec: str) -> list[Run]:
-  """The runs of ``get_sweep(arg)`` in the config file ``path:arg``, with distinct names."""
-  path, _, arg = config_spec.partition(':')
+# The experiment a config file runs (its EXPERIMENT, default extrapolation) → what draws the runs
+# together.
+COMBINERS = {'experiments/extrapolation.py': ('lcr.plots', 'draw_all'),
+             'experiments/length_generalization.py': ('lcr.seq2seq.report', 'draw_all')}
+
+
+def _config_module(config_spec: str):
+  path = config_spec.partition(':')[0]
   spec = importlib.util.spec_from_file_location('sweep_config', os.path.join(REPO, path)
                                                 if not os.path.isabs(path) else path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
+  return module
+
+
+def experiment(config_spec: str) -> str:
+  """The experiment script a config file belongs to (its ``EXPERIMENT``)."""
+  return getattr(_config_module(config_spec), 'EXPERIMENT', 'experiments/extrapolation.py')
+
+
+def expand(config_spec: str) -> list[Run]:
+  """The runs of ``get_sweep(arg)`` in the config file ``path:arg``, with distinct names."""
+  path, _, arg = config_spec.partition(':')
+  module = _config_module(config_spec)
   if not hasattr(module, 'get_sweep'):
     raise ValueError(f'{path} has no get_sweep(arg) function')
   sweep = module.get_sweep(arg) if arg else module.get_sweep()
@@ -83,7 +104,7 @@ def _override_flag(key: str, value) -> str:
 
 def run_command(config_spec: str, workdir: str, run: Run, extra: list[str], python: str) -> list[str]:
   """The command line of one run (paths relative to the repository root)."""
-  return ([python, 'experiments/extrapolation.py', f'--config={config_spec}',
+  return ([python, experiment(config_spec), f'--config={config_spec}',
            f'--workdir={os.path.join(workdir, run.name)}']
           + [_override_flag(k, v) for k, v in run.overrides.items()]
           + [f'--config.{s}' for s in extra])
@@ -104,9 +125,11 @@ def tpu_vm_command(command: list[str], *, tpu: str, zone: str, project: str | No
 
 def combine(config_spec: str, workdir: str) -> dict[str, str]:
   """Draws every run's results together into ``workdir``."""
-  from lcr import plots
+  import importlib
+  module, function = COMBINERS[experiment(config_spec)]
   dirs = [os.path.join(workdir, r.name) for r in expand(config_spec)]
-  return plots.draw_all([d for d in dirs if os.path.isdir(d)], workdir)
+  return getattr(importlib.import_module(module), function)([d for d in dirs if os.path.isdir(d)],
+                                                             workdir)
 
 
 def main(argv):

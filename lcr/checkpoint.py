@@ -182,14 +182,15 @@ def _flat(values: dict[str, Any], prefix: str = '') -> dict[str, Any]:
 
 
 def check_compatible(saved: Config, config: Config, workdir: str) -> None:
-  """Resuming needs the same model: fails naming the first model field that differs."""
-  old, new = _flat(to_dict(saved.model)), _flat(to_dict(config.model))
-  for name in old:
-    if old[name] != new.get(name):
-      raise CheckpointError(
-          f'{workdir} holds a run with model.{name}={old[name]!r}, but this config has '
-          f'model.{name}={new.get(name)!r}; resume with the same model config or use another '
-          '--workdir')
+  """Resuming needs the same model and PEFT setup: fails naming the first field that differs."""
+  for section in ('model', 'peft'):
+    old, new = _flat(to_dict(getattr(saved, section))), _flat(to_dict(getattr(config, section)))
+    for name in old:
+      if old[name] != new.get(name):
+        raise CheckpointError(
+            f'{workdir} holds a run with {section}.{name}={old[name]!r}, but this config has '
+            f'{section}.{name}={new.get(name)!r}; resume with the same {section} config or use '
+            'another --workdir')
 
 
 def load_params(workdir: str, step: int | None = None) -> tuple[Any, Config]:
@@ -197,7 +198,7 @@ def load_params(workdir: str, step: int | None = None) -> tuple[Any, Config]:
 
   The parameters come back as host-local arrays on the default device, ready for evaluation.
   """
-  from lcr import step as step_lib  # the model and optimizer are only needed here
+  from lcr import peft, step as step_lib  # the model and optimizer are only needed here
 
   config = read_config(workdir)
   directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
@@ -208,7 +209,7 @@ def load_params(workdir: str, step: int | None = None) -> tuple[Any, Config]:
   step = manager.latest_step() if step is None else step
   if step is None:
     raise CheckpointError(f'{directory} holds no finished checkpoint; train first')
-  model = step_lib.TransformerLM(config.model)
+  model = peft.build_model(config)   # with the run's LoRA or adapter parameters, if any
   device = jax.devices()[0]
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,

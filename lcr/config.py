@@ -9,6 +9,7 @@ field, the bad value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -90,7 +91,15 @@ DENSE_FFNS = ('mlp', 'swiglu', 'geglu')
 FFNS = DENSE_FFNS + ('moe',)
 DTYPES = ('float32', 'bfloat16', 'float16')
 ATTENTION_BACKENDS = ('auto', 'xla', 'chunked', 'cpu_flash', 'cudnn', 'splash')
-ATTENTION_VARIANTS = ('causal', 'sliding', 'longformer', 'bigbird', 'sinks', 'blockwise')
+ATTENTION_VARIANTS = ('causal', 'sliding', 'longformer', 'bigbird', 'sinks', 'blockwise',
+                      'grouped', 'shifted_sparse')
+# Patterns used only while training; evaluation runs them as 'causal' (LongLoRA's S²-Attn, §3.2).
+TRAINING_ONLY_ATTENTION = ('shifted_sparse',)
+# How attention runs when the mesh shards the sequence (lcr.attention.context_parallel).
+CONTEXT_PARALLEL = ('none', 'ring', 'all_gather')
+# decoder: the decoder-only LM (lcr.model); encoder_decoder: Vaswani et al. 2017's encoder-decoder
+# (lcr.seq2seq.model), trained by experiments/length_generalization.py.
+ARCHS = ('decoder', 'encoder_decoder')
 MIXERS = ('attention', 'linear', 'retention', 'ssm')      # lcr.mixers (names only here)
 MEMORIES = ('none', 'xl', 'infini')
 MEMORY_UPDATES = ('linear', 'delta')
@@ -143,6 +152,8 @@ class MoeConfig:
 class ModelConfig:
   """The decoder-only Transformer LM (field docs in README's model-options table)."""
   vocab_size: int = 259
+  arch: str = 'decoder'            # 'decoder' | 'encoder_decoder' (num_layers each side)
+  share_embeddings: bool = True    # encoder_decoder: one token embedding for source and target
   num_layers: int = 2
   d_model: int = 128
   num_heads: int = 4
@@ -168,12 +179,13 @@ class ModelConfig:
   window: int = 0                  # sliding/longformer/sinks: tokens a query looks back (> 0).
   global_tokens: int = 0           # longformer/bigbird: first tokens of each document, global.
   sink_tokens: int = 4             # sinks: first tokens of each document, always visible.
-  attention_block: int = 0         # bigbird/blockwise block size (blockwise: train length / 2).
+  attention_block: int = 0         # bigbird/blockwise block; grouped/shifted_sparse group (tokens).
   bigbird_random_blocks: int = 3   # bigbird: random key blocks per query block.
   bigbird_seed: int = 0            # bigbird: seed of the fixed random pattern.
   attention_chunk: int = 512       # chunked backend: queries and keys per tile.
   length_scaled_logits: bool = False  # q·k × max(1, log(p + 1) / log(length_scale_base)).
   length_scale_base: int = 0       # the training length for length_scaled_logits (> 1).
+  context_parallel: str = 'none'   # 'ring' | 'all_gather' when the mesh shards 'length'.
   norm: str = 'layernorm'
   norm_placement: str = 'pre'
   ffn: str = 'mlp'
@@ -204,6 +216,7 @@ class ModelConfig:
     for name in ('num_kv_heads', 'ffn_dim', 'pos_dim', 'rope_original_length'):
       if getattr(self, name) < 0:
         fail(f'model.{name}', getattr(self, name), 'must be >= 0 (0 selects the default)')
+    check_choice('model.arch', self.arch, ARCHS)
     check_choice('model.pos', self.pos, POSITIONAL_ENCODINGS)
     check_choice('model.pos_combine', self.pos_combine, POS_COMBINES)
     check_choice('model.rope_scaling', self.rope_scaling, ROPE_SCALINGS)
@@ -276,14 +289,28 @@ class ModelConfig:
            f'model.attention={self.attention!r} needs the number of tokens a query sees (> 0)')
     if self.attention == 'sinks' and self.sink_tokens <= 0:
       fail('model.sink_tokens', self.sink_tokens, "model.attention='sinks' needs > 0 sink tokens")
-    if self.attention in ('bigbird', 'blockwise') and self.attention_block <= 0:
+    blocked = ('bigbird', 'blockwise', 'grouped', 'shifted_sparse')
+    if self.attention in blocked and self.attention_block <= 0:
       fail('model.attention_block', self.attention_block,
            f'model.attention={self.attention!r} needs a block size in tokens (> 0)'
-           + ('; Sun et al. 2022 use half the training length' if self.attention == 'blockwise'
-              else ''))
+           + {'blockwise': '; Sun et al. 2022 use half the training length',
+              'shifted_sparse': '; LongLoRA uses a quarter of the training length'}.get(
+                  self.attention, ''))
+    if self.attention == 'shifted_sparse':
+      if self.attention_block % 2:
+        fail('model.attention_block', self.attention_block,
+             "model.attention='shifted_sparse' shifts half the heads by half a group: use an even size")
+      if self.num_heads % 2:
+        fail('model.num_heads', self.num_heads,
+             "model.attention='shifted_sparse' shifts half of the heads: use an even number")
     if self.length_scaled_logits and self.length_scale_base <= 1:
       fail('model.length_scale_base', self.length_scale_base,
            'model.length_scaled_logits=True needs the training length (> 1)')
+    check_choice('model.context_parallel', self.context_parallel, CONTEXT_PARALLEL)
+    if self.context_parallel != 'none' and self.rope_scaling == 'dynamic_ntk':
+      fail('model.context_parallel', self.context_parallel,
+           "rope_scaling='dynamic_ntk' slices queries by index, which a sharded, load-balanced "
+           "sequence does not keep; use 'none' (dynamic NTK is an evaluation-time scaling)")
     if self.attention_backend == 'cudnn' and self.dtype not in ('bfloat16', 'float16'):
       fail('model.attention_backend', self.attention_backend,
            f'cuDNN flash attention needs model.dtype bfloat16 or float16, not {self.dtype}')
@@ -472,6 +499,12 @@ class TrainConfig:
   checkpoint_every: int = 500      # 0 = only after the last step (and on SIGTERM)
   keep_checkpoints: int = 3        # the last K checkpoints are kept
   tensorboard: bool = True         # also write TensorBoard event files to workdir/tensorboard
+  # Start from the parameters of another run: its workdir, checkpoints/ directory or one step's
+  # directory (not its optimizer state or data position; '' = fresh initialisation).
+  init_from: str = ''
+  # init_from: a learned position table shorter than this model's keeps its trained rows and
+  # takes the rest from this run's initialisation (otherwise a shape mismatch is an error).
+  init_extend_positions: bool = False
 
   def __post_init__(self):
     for name in ('steps', 'batch_size', 'seq_len', 'lr', 'log_every', 'eval_batches',
@@ -487,9 +520,11 @@ class TrainConfig:
 
 MeshRule = tuple[str, Any]   # (logical axis name, mesh axis | tuple of mesh axes | None)
 
-# The mesh axes lcr's default rules name. A mesh may leave any of them out (e.g. axes
-# ('data', 'expert')); rules then drop it (see MeshConfig.active_rules).
-KNOWN_MESH_AXES = ('data', 'fsdp', 'tensor', 'expert')
+# Mesh axes the rules may name whether or not ``mesh.axes`` has them. A mesh may leave any of them
+# out (e.g. axes ('data', 'expert')): it then has size 1 there, and MeshConfig.active_rules drops
+# the rules' mention of it (the default rules name 'expert' and 'sequence'; the default mesh has
+# neither).
+KNOWN_MESH_AXES = ('data', 'fsdp', 'tensor', 'expert', 'sequence')
 
 DEFAULT_RULES: tuple[MeshRule, ...] = (
     # Expert parallelism (GShard, Lepikhin et al. 2020 §2.2): experts over 'expert', and the batch
@@ -502,7 +537,7 @@ DEFAULT_RULES: tuple[MeshRule, ...] = (
     ('kv_heads', 'tensor'),
     ('mlp', 'tensor'),
     ('vocab', 'tensor'),
-    ('length', None),
+    ('length', 'sequence'),
     ('kv', None),
     ('layers', None),
 )
@@ -518,7 +553,9 @@ class MeshConfig:
   """The device mesh: one size per named axis (one size may be -1 = the remaining devices).
 
   ``rules`` map the model's logical axis names onto mesh axes, in order of precedence (flax
-  ``logical_to_mesh``); a logical axis no rule names is replicated.
+  ``logical_to_mesh``); a logical axis no rule names is replicated. Rules may name any of
+  ``KNOWN_MESH_AXES``; those the mesh lacks are dropped (e.g. 'length' → 'sequence' only shards
+  the sequence when ``axes`` has a 'sequence' axis).
   """
   axes: tuple[str, ...] = ('data', 'fsdp', 'tensor')
   shape: tuple[int, ...] = (-1, 1, 1)
@@ -530,8 +567,8 @@ class MeshConfig:
     except (TypeError, ValueError):
       fail('mesh.rules', self.rules, "expected pairs (logical_axis, mesh_axes), e.g. "
            "(('batch', ('data', 'fsdp')), ('embed', 'fsdp'))")
-    object.__setattr__(self, 'rules', rules)
     object.__setattr__(self, 'axes', tuple(self.axes))
+    object.__setattr__(self, 'rules', rules)
     object.__setattr__(self, 'shape', tuple(self.shape))
     if len(set(self.axes)) != len(self.axes) or not all(isinstance(a, str) for a in self.axes):
       fail('mesh.axes', self.axes, 'expected distinct axis names')
@@ -541,7 +578,7 @@ class MeshConfig:
       fail('mesh.shape', self.shape, 'sizes must be positive integers, or -1 for one axis')
     if list(self.shape).count(-1) > 1:
       fail('mesh.shape', self.shape, 'at most one size may be -1 (the remaining devices)')
-    for name, axes in rules:
+    for name, axes in self.rules:
       for axis in (axes if isinstance(axes, tuple) else (axes,)):
         if axis is not None and axis not in self.axes and axis not in KNOWN_MESH_AXES:
           fail('mesh.rules', (name, axes), f'names mesh axis {axis!r}, not one of {self.axes}')
@@ -564,9 +601,52 @@ class MeshConfig:
     return ()
 
 
+PEFT_METHODS = ('none', 'lora', 'adapter')
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftConfig:
+  """Parameter-efficient fine-tuning (lcr/peft.py): which parameters train, and what is added.
+
+  ``method='none'`` trains every parameter. ``lora`` (Hu et al. 2021) adds a rank-``rank`` update
+  B·A, scaled by alpha / rank, beside each matmul kernel whose path ``targets`` matches (re.search
+  over paths like 'layer_0/attention/query/kernel'); ``adapter`` (Houlsby et al. 2019) adds a
+  bottleneck of ``adapter_dim`` after every attention and FFN sublayer. The base parameters are
+  frozen; ``trainable_extra`` (a regex over parameter paths) unfreezes more of them, e.g.
+  LongLoRA's embeddings and norms: 'token_embedding|norm'.
+  """
+  method: str = 'none'
+  rank: int = 8
+  alpha: float = 16.0
+  targets: str = r'attention/(query|key|value|out)/kernel'
+  adapter_dim: int = 16
+  trainable_extra: str = ''
+
+  def __post_init__(self):
+    check_choice('peft.method', self.method, PEFT_METHODS)
+    check_positive('peft.rank', self.rank)
+    check_positive('peft.alpha', self.alpha)
+    check_positive('peft.adapter_dim', self.adapter_dim)
+    for name in ('targets', 'trainable_extra'):
+      try:
+        re.compile(getattr(self, name))
+      except re.error as err:
+        fail(f'peft.{name}', getattr(self, name), f'not a regular expression ({err})')
+    if self.method == 'lora' and not self.targets:
+      fail('peft.targets', self.targets, "peft.method='lora' needs a regex naming the kernels it adapts")
+    if self.trainable_extra and self.method == 'none':
+      fail('peft.trainable_extra', self.trainable_extra,
+           "needs peft.method 'lora' or 'adapter' (with 'none' every parameter trains already)")
+
+
 def _default_data_config():
   from lcr.data.config import DataConfig  # the data room imports this module: import lazily
   return DataConfig()
+
+
+def _default_seq2seq_config():
+  from lcr.seq2seq.config import Seq2SeqConfig  # imports this module: import lazily
+  return Seq2SeqConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -579,6 +659,8 @@ class Config:
   eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
   decode: DecodeConfig = dataclasses.field(default_factory=DecodeConfig)
+  peft: PeftConfig = dataclasses.field(default_factory=PeftConfig)
+  seq2seq: 'Seq2SeqConfig' = dataclasses.field(default_factory=_default_seq2seq_config)  # noqa: F821
 
   def __post_init__(self):
     if not isinstance(self.seed, int) or isinstance(self.seed, bool):
@@ -593,11 +675,18 @@ def _data_config(values: Mapping[str, Any] | None):
   return from_mapping(data_config.DataConfig, values, 'data')
 
 
+def _seq2seq_config(values: Mapping[str, Any] | None):
+  from lcr.seq2seq import config as seq2seq_config  # imports this module: import lazily
+  return seq2seq_config.seq2seq_config(values)
+
+
 _SECTIONS = {'model': model_config, 'data': _data_config,
              'train': lambda v: from_mapping(TrainConfig, v, 'train'),
              'eval': lambda v: from_mapping(EvalConfig, v, 'eval'),
              'mesh': lambda v: from_mapping(MeshConfig, v, 'mesh'),
-             'decode': lambda v: from_mapping(DecodeConfig, v, 'decode')}
+             'decode': lambda v: from_mapping(DecodeConfig, v, 'decode'),
+             'peft': lambda v: from_mapping(PeftConfig, v, 'peft'),
+             'seq2seq': _seq2seq_config}
 
 
 def from_config_dict(config_dict: Mapping[str, Any]) -> Config:

@@ -6,6 +6,7 @@ the one saved in the workdir, evaluated with the ``eval`` section of the config 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -15,22 +16,34 @@ import jax
 import numpy as np
 from absl import logging
 
-from lcr import checkpoint, evaluate
+from lcr import checkpoint, evaluate, peft
 from lcr.config import EvalConfig
 
 EVAL_FILE = 'eval.jsonl'
 
 
 def evaluate_workdir(workdir: str, eval_cfg: EvalConfig) -> list[dict[str, Any]]:
-  """One row per (scaling, protocol, length): loss, ppl, bits per byte; appended to eval.jsonl."""
+  """One row per (scaling, protocol, length): loss, ppl, bits per byte; appended to eval.jsonl.
+
+  A run trained on a retrieval task (data.task) is scored on its task instead: recall by length ×
+  depth × RoPE scaling into workdir/recall.jsonl (passkey.jsonl for the passkey task).
+  """
   from lcr import data as data_lib  # only evaluation of a trained workdir needs the corpus
 
   params, saved = checkpoint.load_params(workdir)
+  params, model_fn = peft.for_evaluation(params, saved.peft)   # LoRA merged into the base
+  if saved.data.task != 'lm':
+    from lcr import retrieval
+    evaluator = evaluate.Evaluator(params, saved.model, eval_cfg, saved.train.seq_len, model_fn)
+    retrieval.evaluate_task(dataclasses.replace(saved, eval=eval_cfg), evaluator,
+                            {'variant': saved.model.pos, 'seed': saved.seed}, workdir,
+                            writer=jax.process_index() == 0)
+    return []
   tokenizer = data_lib.get_tokenizer(saved.data)
   split = data_lib.load_eval_tokens(saved.data, eval_cfg.split)
   stream = evaluate.stream_from_offsets(np.asarray(split.tokens, np.int32), split.doc_offsets)
   train_len = saved.train.seq_len
-  evaluator = evaluate.Evaluator(params, saved.model, eval_cfg, train_len)
+  evaluator = evaluate.Evaluator(params, saved.model, eval_cfg, train_len, model_fn)
   rows = []
   for task in evaluate.plan_tasks(saved.model, eval_cfg, train_len):
     start = time.perf_counter()

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lcr import passkey as passkey_lib
-from lcr.config import ConfigError, EvalConfig, ModelConfig
+from lcr.config import TRAINING_ONLY_ATTENTION, ConfigError, EvalConfig, ModelConfig
 from lcr.model import TransformerLM
 
 ApplyFn = passkey_lib.ApplyFn
@@ -280,10 +280,19 @@ def learned_position_limit(model_cfg: ModelConfig, eval_cfg: EvalConfig, train_l
 
 
 class Evaluator:
-  """Evaluates one trained model; evaluations whose model configs coincide are computed once."""
+  """Evaluates one trained model; evaluations whose model configs coincide are computed once.
 
-  def __init__(self, params: Any, model_cfg: ModelConfig, eval_cfg: EvalConfig, train_len: int):
+  A training-only attention pattern (LongLoRA's S²-Attn) is evaluated as full causal attention.
+  ``model_fn`` builds the model of a ModelConfig (default TransformerLM; lcr.peft.for_evaluation
+  gives the one of an adapter run).
+  """
+
+  def __init__(self, params: Any, model_cfg: ModelConfig, eval_cfg: EvalConfig, train_len: int,
+               model_fn: Callable[[ModelConfig], Any] = TransformerLM):
+    if model_cfg.attention in TRAINING_ONLY_ATTENTION:
+      model_cfg = dataclasses.replace(model_cfg, attention='causal')
     self.params, self.model_cfg, self.eval_cfg, self.train_len = params, model_cfg, eval_cfg, train_len
+    self.model_fn = model_fn
     self._compiled: dict[ModelConfig, Callable] = {}
     self._done: dict[tuple, Scores] = {}
 
@@ -291,7 +300,7 @@ class Evaluator:
     return scaled_config(self.model_cfg, scaling, eval_len, self.train_len, self.eval_cfg.rope_factor)
 
   def apply_fn(self, cfg: ModelConfig) -> ApplyFn:
-    model = TransformerLM(cfg)
+    model = self.model_fn(cfg)
     return lambda tokens, positions, segments: model.apply(
         {'params': self.params}, tokens, positions, segments)
 

@@ -63,11 +63,12 @@ def _encode(tokenizer: Tokenizer, text: str) -> np.ndarray:
 
 
 def make_example(tokenizer: Tokenizer, length: int, depth: float, key: int, fmt: str = 'mj',
-                 bos_id: int | None = None) -> PasskeyExample:
+                 bos_id: int | None = None, filler_offset: int = 0) -> PasskeyExample:
   """A prompt of exactly ``length`` tokens with ``key`` after a fraction ``depth`` of the filler.
 
   depth 0 puts the needle first (farthest from the question), depth 1 right before the question.
-  Filler is the repeated filler text cut to the tokens left over; ``bos_id`` starts the row.
+  Filler is the repeated filler text cut to the tokens left over, starting ``filler_offset``
+  tokens into it; ``bos_id`` starts the row.
   """
   if not 10_000 <= key <= 99_999:
     raise ValueError(f'the pass key must have 5 digits, got {key}')
@@ -82,7 +83,8 @@ def make_example(tokenizer: Tokenizer, length: int, depth: float, key: int, fmt:
   if n_fill < 0:
     raise ValueError(f'a {fmt!r} passkey prompt needs at least {fixed} tokens, asked for {length}')
   unit = _encode(tokenizer, f.filler)
-  filler = np.tile(unit, -(-n_fill // len(unit)))[:n_fill]
+  start = filler_offset % len(unit)
+  filler = np.tile(unit, -(-(start + n_fill) // len(unit)))[start:start + n_fill]
   cut = int(round(depth * n_fill))
   tokens = np.concatenate(head + [filler[:cut], needle, filler[cut:]] + tail)
   return PasskeyExample(tokens, length - len(tail[1]), key, depth)
@@ -108,12 +110,12 @@ def answer_mask(examples: Sequence[PasskeyExample]) -> np.ndarray:
 
 
 def _argmax_fn(apply_fn: ApplyFn, max_position: int | None) -> Callable[..., tuple[jax.Array, jax.Array]]:
-  def fn(tokens_BxT, mask_BxT1):
+  def fn(tokens_BxT, targets_BxT1, mask_BxT1):
     positions = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1], dtype=jnp.int32), tokens_BxT.shape)
     if max_position is not None:
       positions = jnp.minimum(positions, max_position)
     logits = apply_fn(tokens_BxT, positions, jnp.ones_like(tokens_BxT))
-    hit = jnp.argmax(logits[:, :-1], axis=-1) == tokens_BxT[:, 1:]
+    hit = jnp.argmax(logits[:, :-1], axis=-1) == targets_BxT1
     all_hit = jnp.all(jnp.where(mask_BxT1, hit, True), axis=-1)
     digit_hits = jnp.sum(jnp.where(mask_BxT1, hit, False), axis=-1)
     return all_hit, digit_hits
@@ -130,17 +132,28 @@ def score_examples(apply_fn: ApplyFn, examples: Sequence[PasskeyExample], *, bat
   length = len(examples[0].tokens)
   if any(len(e.tokens) != length for e in examples):
     raise ValueError('score examples of one length at a time')
-  tokens = np.stack([e.tokens for e in examples])
-  mask = answer_mask(examples)
-  batch = batch_size
-  pad = -len(tokens) % batch
-  tokens = np.concatenate([tokens, np.repeat(tokens[:1], pad, axis=0)])
-  mask = np.concatenate([mask, np.repeat(mask[:1], pad, axis=0)])
+  return score_tokens(apply_fn, np.stack([e.tokens for e in examples]), answer_mask(examples),
+                      batch_size=batch_size, max_position=max_position)
+
+
+def score_tokens(apply_fn: ApplyFn, tokens: np.ndarray, mask: np.ndarray, *,
+                 targets: np.ndarray | None = None, batch_size: int = 8,
+                 max_position: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Teacher-forced scoring of rows tokens [n, L] at the targets mask [n, L − 1] marks → (correct
+  [n] bool: every marked target is the argmax, hits [n]: how many are). Target j is what the model
+  should predict after token j: ``targets`` [n, L − 1], by default the next token, tokens[:, 1:].
+  """
+  n, batch = len(tokens), batch_size
+  targets = tokens[:, 1:] if targets is None else targets
+  pad = -n % batch
+  tokens, targets, mask = (np.concatenate([x, np.repeat(x[:1], pad, axis=0)])
+                           for x in (tokens, targets, mask))
   fn = _argmax_fn(apply_fn, max_position)
-  outs = [fn(tokens[i:i + batch], mask[i:i + batch]) for i in range(0, len(tokens), batch)]
-  correct = np.concatenate([np.asarray(o[0]) for o in outs])[:len(examples)]
-  digits = np.concatenate([np.asarray(o[1]) for o in outs])[:len(examples)]
-  return correct, digits
+  outs = [fn(tokens[i:i + batch], targets[i:i + batch], mask[i:i + batch])
+          for i in range(0, len(tokens), batch)]
+  correct = np.concatenate([np.asarray(o[0]) for o in outs])[:n]
+  hits = np.concatenate([np.asarray(o[1]) for o in outs])[:n]
+  return correct, hits
 
 
 def generate_keys(params: Any, model_cfg: Any, examples: Sequence[PasskeyExample], *,

@@ -5,6 +5,10 @@
   the line is the mean and a band spans min..max.
 * ``per_position.png``: loss by position in the window at the longest evaluation length.
 * ``passkey.png``: passkey accuracy heatmaps, context length × needle depth, one per variant.
+* ``recall.png``: recall of a retrieval task (MQAR, recall.jsonl) against context length, one panel
+  per needle depth, one line per variant and RoPE scaling.
+* ``extension.png``: perplexity of the fine-tuned extensions (extension.jsonl) beside the
+  evaluation-time-only curve of the same scaling (results.jsonl), one panel per scaling.
 """
 
 from __future__ import annotations
@@ -183,17 +187,87 @@ def draw_all(workdirs: Sequence[str], out_dir: str) -> dict[str, str]:
     return results.read_many(os.path.join(w, name) for w in workdirs)
   os.makedirs(out_dir, exist_ok=True)
   rows, per_position, passkey = read(results.RESULTS), read(results.PER_POSITION), read(results.PASSKEY)
+  recall, extension = read(results.RECALL), read(results.EXTENSION)
   written = {}
   for name, rows_, make in (('extrapolation.png', rows, extrapolation_figure),
                             ('per_position.png', per_position, per_position_figure),
-                            ('passkey.png', passkey, passkey_figure)):
+                            ('passkey.png', passkey, passkey_figure),
+                            ('recall.png', recall, recall_figure),
+                            ('extension.png', extension, lambda e: extension_figure(e, rows))):
     if rows_:
       path = os.path.join(out_dir, name)
       make(rows_).savefig(path, dpi=120)
       written[name] = path
-  if rows:
+  if rows or passkey or recall:
     path = os.path.join(out_dir, 'summary.md')
     with open(path, 'w') as f:
-      f.write(results.summary_markdown(rows, passkey))
+      f.write(results.summary_markdown(rows, passkey, recall, extension))
     written['summary.md'] = path
   return written
+
+
+# ----------------------------------------------------------------------------------------------
+# The retrieval and extension phases.
+
+
+def recall_figure(rows: Sequence[Row], value: str = 'answer_accuracy') -> Figure:
+  """``value`` against context length, one panel per depth, mean over seeds."""
+  cells = results.recall_cells(rows, value)
+  depths = sorted({d for c in cells.values() for _, d in c})
+  lengths = sorted({n for c in cells.values() for n, _ in c})
+  labels = sorted(cells, key=results.series_order(rows))
+  styles = _styles(labels)
+  fig = Figure(figsize=(3.6 * len(depths) + 2.2, 3.6), layout='constrained')
+  train_lens = sorted({r['train_len'] for r in rows})
+  for i, depth in enumerate(depths):
+    ax = fig.add_subplot(1, len(depths), i + 1)
+    for label in labels:
+      xs = [n for n in lengths if (n, depth) in cells[label]]
+      ax.plot(xs, [np.mean(cells[label][(n, depth)]) for n in xs], label=label, **styles[label])
+    for t in train_lens:
+      ax.axvline(t, color='0.4', linewidth=1, linestyle=':')
+    _plain_log_axes(ax, lengths, log_y=False)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_title(f'needle depth {depth:g}', fontsize=9)
+    ax.set_xlabel('context length (tokens)', fontsize=8)
+    if i == 0:
+      ax.set_ylabel('recall' if value == 'answer_accuracy' else value)
+    ax.grid(True, alpha=0.3)
+  _legend(ax)
+  tasks = ', '.join(sorted({str(r.get('task')) for r in rows}))
+  fig.suptitle(f'{tasks}: trained at L = {", ".join(map(str, train_lens))} (dotted)', fontsize=10)
+  return fig
+
+
+def extension_figure(ext_rows: Sequence[Row], lm_rows: Sequence[Row]) -> Figure:
+  """One panel per (variant, scaling): eval-time only (dashed, black) beside each fine-tune."""
+  series = results.extension_series(ext_rows, lm_rows)
+  panels = sorted({(v, s) for v, s, _ in series}, key=lambda p: (p[0], results.scaling_rank(p[1])))
+  methods = sorted({m for _, _, m in series if m != results.EVAL_TIME_ONLY})
+  fig = Figure(figsize=(3.8 * len(panels) + 2.0, 3.8), layout='constrained')
+  ax = None
+  for i, (variant, scaling) in enumerate(panels):
+    ax = fig.add_subplot(1, len(panels), i + 1, sharey=ax)
+    for j, method in enumerate([results.EVAL_TIME_ONLY] + methods):
+      entry = series.get((variant, scaling, method))
+      if entry is None:
+        continue
+      xs = sorted(entry['ppl'])
+      style = (dict(color='k', linestyle='--', marker='x') if method == results.EVAL_TIME_ONLY else
+               dict(color=f'C{j % 10}', marker=_MARKERS[j % len(_MARKERS)]))
+      label = method if method == results.EVAL_TIME_ONLY else f'{method} ({entry["steps"]} steps)'
+      ax.plot(xs, [np.mean(entry['ppl'][n]) for n in xs], label=label, markersize=4, **style)
+    lens = {e['train_len'] for (v, s, _), e in series.items() if (v, s) == (variant, scaling)}
+    lens |= {e['len'] for (v, s, _), e in series.items() if (v, s) == (variant, scaling) and e['len']}
+    for n in sorted(lens):
+      ax.axvline(n, color='0.4', linewidth=1, linestyle=':')
+    _plain_log_axes(ax, [n for (v, s, _), e in series.items() if (v, s) == (variant, scaling)
+                                for n in e['ppl']], log_y=True)
+    ax.set_title(f'{variant} + {scaling}', fontsize=9)
+    ax.set_xlabel('evaluation length (tokens)', fontsize=8)
+    if i == 0:
+      ax.set_ylabel('perplexity')
+    ax.grid(True, which='both', alpha=0.3)
+  if ax is not None:
+    _legend(ax)
+  return fig

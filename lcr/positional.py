@@ -26,6 +26,21 @@ BiasFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
+class Bias:
+  """A logit bias ``(q_pos, k_pos) → [B|1, H, T, S]`` whose learned arrays are explicit:
+  ``fn(q_pos, k_pos, *params)``. Sharded attention passes ``params`` into ``shard_map`` (which
+  cannot close over traced arrays) and rebinds them with :meth:`with_params`."""
+  fn: Callable[..., jax.Array]
+  params: tuple[jax.Array, ...] = ()
+
+  def __call__(self, q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
+    return self.fn(q_pos, k_pos, *self.params)
+
+  def with_params(self, params) -> Bias:
+    return dataclasses.replace(self, params=tuple(params))
+
+
+@dataclasses.dataclass(frozen=True)
 class Encoding:
   name: str
   kind: str      # 'none' | 'absolute' | 'rotary' | 'bias'
@@ -257,27 +272,43 @@ def alibi_slopes(num_heads: int) -> np.ndarray:
   return np.asarray(slopes, dtype=np.float64)
 
 
-def alibi_bias(num_heads: int) -> BiasFn:
-  """ALiBi eq. in §3: bias −m_h·(i − j) added to q_i·k_j/√d (the slope is not scaled by √d)."""
+def alibi_bias(num_heads: int, *, causal: bool = True) -> BiasFn:
+  """ALiBi eq. in §3: bias −m_h·(i − j) added to q_i·k_j/√d (the slope is not scaled by √d).
+
+  ``causal=False`` (an encoder, where keys follow the query too): the symmetric −m_h·|i − j|, as
+  bidirectional ALiBi models use (the paper defines only the causal form).
+  """
   slopes = jnp.asarray(alibi_slopes(num_heads), jnp.float32)
 
   def bias_fn(q_pos_BxT, k_pos_BxS):
     distance = (q_pos_BxT[:, :, None] - k_pos_BxS[:, None, :]).astype(jnp.float32)
+    distance = distance if causal else jnp.abs(distance)
     return -slopes[None, :, None, None] * distance[:, None]
-  return bias_fn
+  return Bias(bias_fn)
 
 
-def t5_bucket(q_pos: jax.Array, k_pos: jax.Array, num_buckets: int, max_distance: int):
-  """T5 relative-position bucket (Raffel et al. 2020 §2.1; mesh-tensorflow), causal form.
+def t5_bucket(q_pos: jax.Array, k_pos: jax.Array, num_buckets: int, max_distance: int, *,
+              bidirectional: bool = False):
+  """T5 relative-position bucket (Raffel et al. 2020 §2.1; mesh-tensorflow), [B, T, S].
 
-  Distances n = i − j ≥ 0 below num_buckets/2 get their own bucket; larger ones share
-  logarithmically wider buckets up to max_distance; everything beyond shares the last bucket.
+  Causal form: distances n = i − j ≥ 0 below num_buckets/2 get their own bucket; larger ones share
+  logarithmically wider buckets up to max_distance; everything beyond shares the last bucket (keys
+  after the query, masked anyway, share bucket 0). ``bidirectional`` (T5's encoder): half the
+  buckets per direction, keys after the query (j > i) in the upper half, each half bucketed by
+  |i − j| as above.
   """
-  n = jnp.maximum(q_pos[:, :, None] - k_pos[:, None, :], 0)
+  n = q_pos[:, :, None] - k_pos[:, None, :]
+  offset = 0
+  if bidirectional:
+    num_buckets //= 2
+    offset = jnp.where(n < 0, num_buckets, 0)
+    n = jnp.abs(n)
+  else:
+    n = jnp.maximum(n, 0)
   exact = num_buckets // 2
   log_ratio = jnp.log(jnp.maximum(n, 1).astype(jnp.float32) / exact) / math.log(max_distance / exact)
   large = exact + (log_ratio * (num_buckets - exact)).astype(jnp.int32)
-  return jnp.where(n < exact, n, jnp.minimum(large, num_buckets - 1))
+  return offset + jnp.where(n < exact, n, jnp.minimum(large, num_buckets - 1))
 
 
 class T5Table(nn.Module):
@@ -291,17 +322,22 @@ class T5Table(nn.Module):
         (self.cfg.t5_num_buckets, self.cfg.num_heads), jnp.dtype(self.cfg.param_dtype))
 
 
-def t5_bias(cfg: ModelConfig, table: jax.Array) -> BiasFn:
-  def bias_fn(q_pos_BxT, k_pos_BxS):
-    buckets = t5_bucket(q_pos_BxT, k_pos_BxS, cfg.t5_num_buckets, cfg.t5_max_distance)
+def t5_bias(cfg: ModelConfig, table: jax.Array, *, causal: bool = True) -> BiasFn:
+  def bias_fn(q_pos_BxT, k_pos_BxS, table):
+    buckets = t5_bucket(q_pos_BxT, k_pos_BxS, cfg.t5_num_buckets, cfg.t5_max_distance,
+                        bidirectional=not causal)
     return jnp.moveaxis(table.astype(jnp.float32)[buckets], -1, 1)     # [B, H, T, S]
-  return bias_fn
+  return Bias(bias_fn, (table,))
 
 
-def bias_fn(cfg: ModelConfig, table: jax.Array | None) -> BiasFn | None:
-  """The score bias of a ``bias`` encoding (None for the others); ``table`` is T5's parameter."""
+def bias_fn(cfg: ModelConfig, table: jax.Array | None, *, causal: bool = True) -> BiasFn | None:
+  """The score bias of a ``bias`` encoding (None for the others); ``table`` is T5's parameter.
+
+  ``causal=False`` gives the bidirectional form an encoder needs (T5's two-sided buckets, ALiBi's
+  −m·|i − j|).
+  """
   if cfg.pos == 'alibi':
-    return alibi_bias(cfg.num_heads)
+    return alibi_bias(cfg.num_heads, causal=causal)
   if cfg.pos == 't5':
-    return t5_bias(cfg, table)
+    return t5_bias(cfg, table, causal=causal)
   return None

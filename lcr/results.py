@@ -6,7 +6,12 @@
   learned_positions (the policy for a learned table past train_len, null for other encodings).
 ``per_position.jsonl``: the same key fields plus ``loss`` and ``count``, lists over window positions.
 ``passkey.jsonl``: variant, pos, seed, rope_scaling, rope_factor, train_len, eval_len, depth, format,
-  mode ('teacher_forced' or 'generate'), trials, correct, accuracy, digit_accuracy.
+  mode ('teacher_forced' or 'generate'), trials, correct, accuracy, digit_accuracy; rows of a model
+  trained on the passkey task also carry task and answer_accuracy (lcr.retrieval).
+``recall.jsonl``: retrieval-task rows (MQAR) with the fields of lcr.retrieval: variant, pos, seed,
+  task, mode, rope_scaling, rope_factor, train_len, eval_len, depth, trials, correct, accuracy,
+  answer_accuracy.
+``extension.jsonl``: fine-tuned extensions, the fields of lcr.extend.
 Rows are appended as each evaluation finishes, so an interrupted study resumes from the keys present.
 """
 
@@ -26,11 +31,16 @@ from lcr.config import POSITIONAL_ENCODINGS
 
 Row = dict[str, Any]
 RESULTS, PER_POSITION, PASSKEY = 'results.jsonl', 'per_position.jsonl', 'passkey.jsonl'
+RECALL, EXTENSION = 'recall.jsonl', 'extension.jsonl'
 RESULT_FIELDS = ('variant', 'pos', 'seed', 'rope_scaling', 'rope_factor', 'protocol', 'stride',
                  'train_len', 'eval_len', 'loss', 'ppl', 'bpb', 'tokens', 'bytes', 'split',
                  'learned_positions')
 KEY_FIELDS = ('variant', 'seed', 'train_len', 'rope_scaling', 'protocol', 'stride', 'eval_len')
-PASSKEY_KEY_FIELDS = ('variant', 'seed', 'train_len', 'rope_scaling', 'eval_len', 'depth', 'mode')
+PASSKEY_KEY_FIELDS = ('variant', 'seed', 'train_len', 'rope_scaling', 'eval_len', 'depth', 'task',
+                      'mode')
+RECALL_KEY_FIELDS = PASSKEY_KEY_FIELDS
+EXTENSION_KEY_FIELDS = ('variant', 'seed', 'train_len', 'rope_scaling', 'finetune_method',
+                        'finetune_steps', 'finetune_len', 'protocol', 'stride', 'eval_len')
 # Values of fields that rows written before the field existed stand for.
 FIELD_DEFAULTS = {'mode': 'teacher_forced'}
 
@@ -157,8 +167,10 @@ def _table(series: dict[str, dict[int, list[float]]], lengths: list[int], digits
   return lines
 
 
-def summary_markdown(rows: Sequence[Row], passkey_rows: Sequence[Row] = ()) -> str:
-  """Perplexity tables (rows = variants and RoPE scalings, columns = evaluation lengths)."""
+def summary_markdown(rows: Sequence[Row], passkey_rows: Sequence[Row] = (),
+                     recall_rows: Sequence[Row] = (), extension_rows: Sequence[Row] = ()) -> str:
+  """Perplexity tables (rows = variants and RoPE scalings, columns = evaluation lengths), then
+  retrieval (passkey, recall) and context-extension tables when there are such rows."""
   out = ['# Train short, test long', '']
   groups = aggregate(rows, 'ppl')
   ratio_groups = aggregate(with_ratios(rows), 'ppl_ratio')
@@ -182,6 +194,10 @@ def summary_markdown(rows: Sequence[Row], passkey_rows: Sequence[Row] = ()) -> s
     out += _table(bpb, lengths, 3, order) + ['']
   if passkey_rows:
     out += passkey_markdown(passkey_rows)
+    out += depth_markdown(passkey_rows, 'accuracy', 'Passkey accuracy (whole key)')
+  if recall_rows:
+    out += depth_markdown(recall_rows, 'answer_accuracy', 'Recall (answers recalled)')
+  out += extension_markdown(extension_rows, rows)
   policies = {r.get('learned_positions') for r in rows} - {None}
   if policies:
     out += [f'Learned positions past L: {", ".join(sorted(policies))} '
@@ -201,3 +217,129 @@ def passkey_markdown(rows: Sequence[Row]) -> list[str]:
   lengths = sorted({n for v in series.values() for n in v})
   return (['## Passkey retrieval accuracy (mean over depths)', '']
           + _table(series, lengths, 2, series_order(rows)) + [''])
+
+
+# ----------------------------------------------------------------------------------------------
+# Retrieval (recall.jsonl, passkey.jsonl) and extension (extension.jsonl) tables.
+
+EVAL_TIME_ONLY = 'eval-time only'
+
+
+def _latest(rows: Sequence[Row], fields: Sequence[str]) -> list[Row]:
+  return list({row_key(r, fields): r for r in rows}.values())
+
+
+def recall_cells(rows: Sequence[Row], value: str) -> dict[str, dict[tuple, list[float]]]:
+  """{series label: {(eval_len, depth): [value per seed]}}."""
+  cells: dict[str, dict[tuple, list[float]]] = defaultdict(lambda: defaultdict(list))
+  for r in _latest(rows, RECALL_KEY_FIELDS):
+    cells[series_label(r)][(r['eval_len'], r['depth'])].append(float(r[value]))
+  return cells
+
+
+def middle_depth(rows: Sequence[Row]) -> float:
+  """The evaluated depth closest to 0.5."""
+  return min({float(r['depth']) for r in rows}, key=lambda d: (abs(d - 0.5), d))
+
+
+def depth_markdown(rows: Sequence[Row], value: str, title: str) -> list[str]:
+  """Series × length table of ``value`` (in %) at the middle depth, and averaged over depths."""
+  cells = recall_cells(rows, value)
+  depth = middle_depth(rows)
+  lengths = sorted({n for c in cells.values() for n, _ in c})
+  order = series_order(rows)
+  at_depth = {lab: {n: [100 * v for v in c[(n, depth)]] for n in lengths if (n, depth) in c}
+              for lab, c in cells.items()}
+  depths = sorted({d for c in cells.values() for _, d in c})
+  mean = {lab: {n: [100 * float(np.mean([np.mean(c[(n, d)]) for d in depths if (n, d) in c]))]
+                for n in lengths} for lab, c in cells.items()}
+  out = [f'## {title} (%), depth {depth:g}', '']
+  out += _table(at_depth, lengths, 0, order) + ['']
+  out += [f'{title} (%), mean over depths {", ".join(f"{d:g}" for d in depths)}:', '']
+  return out + _table(mean, lengths, 0, order) + ['']
+
+
+def _final_steps(ext_rows: Sequence[Row]) -> list[Row]:
+  """Non-overlapping rows of each fine-tune's last evaluated step."""
+  rows = [r for r in _latest(ext_rows, EXTENSION_KEY_FIELDS) if r['protocol'] == 'nonoverlapping']
+  last: dict[tuple, int] = defaultdict(int)
+  for r in rows:
+    key = (r['variant'], r['rope_scaling'], r['finetune_method'])
+    last[key] = max(last[key], r['finetune_steps'])
+  return [r for r in rows
+          if r['finetune_steps'] == last[(r['variant'], r['rope_scaling'], r['finetune_method'])]]
+
+
+def extension_series(ext_rows: Sequence[Row], lm_rows: Sequence[Row]) -> dict[tuple, dict]:
+  """{(variant, scaling, method): {'steps', 'len', 'trainable', 'ppl': {eval_len: [ppl]}}}: the
+  fine-tunes at their last step, and each (variant, scaling)'s evaluation-time-only curve (method
+  EVAL_TIME_ONLY)."""
+  out: dict[tuple, dict] = {}
+  for r in _final_steps(ext_rows):
+    key = (r['variant'], r['rope_scaling'], r['finetune_method'])
+    entry = out.setdefault(key, {'steps': r['finetune_steps'], 'len': r['finetune_len'],
+                                 'train_len': r['train_len'],
+                                 'trainable': r['trainable_params'] / r['total_params'],
+                                 'ppl': defaultdict(list)})
+    entry['ppl'][r['eval_len']].append(float(r['ppl']))
+  wanted = {(v, s) for v, s, _ in out}
+  for r in _latest(lm_rows, KEY_FIELDS):
+    if r['protocol'] == 'nonoverlapping' and (r['variant'], r['rope_scaling']) in wanted:
+      entry = out.setdefault((r['variant'], r['rope_scaling'], EVAL_TIME_ONLY), {
+          'steps': 0, 'len': None, 'train_len': r['train_len'], 'trainable': 0.0,
+          'ppl': defaultdict(list)})
+      entry['ppl'][r['eval_len']].append(float(r['ppl']))
+  return out
+
+
+def scaling_rank(scaling: str) -> int:
+  """Position of a RoPE scaling in SCALING_ORDER (unknown ones last)."""
+  return SCALING_ORDER.index(scaling) if scaling in SCALING_ORDER else len(SCALING_ORDER)
+
+
+def extension_markdown(ext_rows: Sequence[Row], lm_rows: Sequence[Row]) -> list[str]:
+  """Perplexity per (scaling, method) at every evaluation length, before and after fine-tuning."""
+  series = extension_series(ext_rows, lm_rows)
+  if not series:
+    return []
+  lengths = sorted({n for e in series.values() for n in e['ppl']})
+  new_lens = sorted({e['len'] for e in series.values() if e['len']})
+  out = ['## Context extension by fine-tuning', '',
+         f'Perplexity; fine-tuned at {", ".join(map(str, new_lens))} tokens from the model trained '
+         f'at L = {", ".join(str(t) for t in sorted({e["train_len"] for e in series.values()}))}. '
+         f'"{EVAL_TIME_ONLY}" is the trained model with the scaling applied at evaluation '
+         '(factor = length / L, results.jsonl); the fine-tuned models keep the factor they were '
+         'tuned with.', '',
+         '| variant | scaling | method | steps | trainable | ' + ' | '.join(map(str, lengths)) + ' |',
+         '|---|---|---|---:|---:|' + '---:|' * len(lengths)]
+  def order(key):
+    variant, scaling, method = key
+    return variant, scaling_rank(scaling), method != EVAL_TIME_ONLY, method
+
+  for key in sorted(series, key=order):
+    e = series[key]
+    cells = ' | '.join(_fmt(e['ppl'].get(n, [])) for n in lengths)
+    trainable = f'{100 * e["trainable"]:.1f} %' if key[2] != EVAL_TIME_ONLY else '—'
+    out.append(f'| {key[0]} | {key[1]} | {key[2]} | {e["steps"]} | {trainable} | {cells} |')
+  return out + [''] + extension_steps_markdown(ext_rows, series)
+
+
+def extension_steps_markdown(ext_rows: Sequence[Row], series: dict[tuple, dict]) -> list[str]:
+  """Perplexity at the fine-tuning length after each evaluated number of steps (0: eval-time only)."""
+  rows = [r for r in _latest(ext_rows, EXTENSION_KEY_FIELDS)
+          if r['protocol'] == 'nonoverlapping' and r['eval_len'] == r['finetune_len']]
+  steps = sorted({r['finetune_steps'] for r in rows})
+  if len(steps) < 2:
+    return []
+  table: dict[tuple, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+  for r in rows:
+    table[(r['variant'], r['rope_scaling'], r['finetune_method'])][r['finetune_steps']].append(r['ppl'])
+  out = ['Perplexity at the fine-tuning length by fine-tuning steps (0: evaluation-time scaling only):',
+         '', '| variant | scaling | method | ' + ' | '.join(['0'] + [str(n) for n in steps]) + ' |',
+         '|---|---|---|' + '---:|' * (len(steps) + 1)]
+  for key in sorted(table, key=lambda k: (k[0], scaling_rank(k[1]), k[2])):
+    length = next(r['finetune_len'] for r in rows if (r['variant'], r['rope_scaling']) == key[:2])
+    before = series.get((key[0], key[1], EVAL_TIME_ONLY), {'ppl': {}})['ppl'].get(length, [])
+    cells = [_fmt(before)] + [_fmt(table[key].get(n, [])) for n in steps]
+    out.append(f'| {key[0]} | {key[1]} | {key[2]} | ' + ' | '.join(cells) + ' |')
+  return out + ['']

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from lcr import layers, losses, matmul_layout, moe, optim, sharding
+from lcr import layers, losses, matmul_layout, moe, optim, peft, sharding
+from lcr.attention import context_parallel
 from lcr.config import Config
 from lcr.mixers import carry
 from lcr.model import TransformerLM
@@ -28,6 +29,10 @@ MODEL_METRICS = layers.MODEL_METRICS
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
+
+# XLA:CPU's YNNPACK library fusions (dots, reductions, element-wise ops) made the train step 5–10 %
+# slower than XLA's own emitters (docs/performance.md); the steps are compiled without them.
+CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
 
 
 @flax.struct.dataclass
@@ -118,13 +123,17 @@ def sown_aux_loss(sown: Any) -> jax.Array:
 
 
 def make_train_step(model: TransformerLM, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, seed: int):
-  """One optimizer step on a global batch; the metrics are means over its non-padding tokens."""
+                    schedule: optax.Schedule, seed: int,
+                    freeze: Callable[[Any], Any] = lambda params: params):
+  """One optimizer step on a global batch; the metrics are means over its non-padding tokens.
+
+  ``freeze`` stops the gradient of frozen parameters (lcr.peft), so none is computed for them.
+  """
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     rng = jax.random.fold_in(jax.random.key(seed), state.step)   # dropout: same on resume
 
     def loss_fn(params):
-      logits, sown = forward_sown(model, params, batch, rng=rng, memory=state.memory)
+      logits, sown = forward_sown(model, freeze(params), batch, rng=rng, memory=state.memory)
       aux_loss = sown_aux_loss(sown)
       sum_loss, sum_weights = losses.cross_entropy(logits, batch['targets'], batch['weights'])
       ce = sum_loss / jnp.maximum(sum_weights, 1.0)
@@ -169,7 +178,7 @@ def _carried_memory(config: Config, mesh: Mesh) -> tuple[TransformerLM | None, A
   a recurrent state across steps (lcr.mixers.carry); (None, None, None) otherwise."""
   if not config.data.contiguous:
     return None, None, None
-  model = carry.stateful(config.model)
+  model = peft.build_model(config).clone(cache=carry.STATE_ONLY)   # with LoRA/adapters, if any
   abstract = carry.abstract_memory(model, config.train.batch_size, config.train.seq_len)
   return model, abstract, sharding.logical_shardings(abstract, mesh, config.mesh)
 
@@ -184,26 +193,35 @@ def make_trainer(config: Config, mesh: Mesh | None = None) -> Trainer:
   mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
   sharding.check_batch(mesh, config.mesh, config.train.batch_size)
   sharding.check_experts(mesh, config.mesh, config.model)
-  model = TransformerLM(config.model)
+  model = peft.build_model(config)
   schedule = optim.learning_rate(config.train)
-  tx = optim.optimizer(config.train)
   boxed, p_shardings = param_shardings(model, config.train.seq_len, mesh, config)
   abstract_params = nn.meta.unbox(boxed)
+  peft.check(config.peft, abstract_params)
+  tx = peft.optimizer(config.peft, optim.optimizer(config.train))
   repl = sharding.replicated(mesh)
+  frozen = lambda x: isinstance(x, optax.MaskedNode)   # noqa: E731  (no state: lcr.peft)
   opt_shardings = optax.tree_map_params(
-      tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_params), p_shardings,
-      transform_non_params=lambda _: repl)
+      tx, lambda p, s: p if frozen(p) else s, jax.eval_shape(tx.init, abstract_params), p_shardings,
+      transform_non_params=lambda _: repl, is_leaf=frozen)
   train_model, memory, memory_sharding = _carried_memory(config, mesh)
   state_sharding = TrainState(step=repl, params=p_shardings, opt_state=opt_shardings,
                               memory=memory_sharding)
   batch_sharding = sharding.batch_sharding(mesh, config.mesh)
   metric_sharding = repl
-  train_step = jax.jit(_under_axis_rules(make_train_step(train_model or model, tx, schedule,
-                                                         config.seed), mesh, config),
+  # With the sequence sharded, every batch is first put in causal load-balanced order.
+  cp = context_parallel.trainer_size(config, dict(mesh.shape))
+  train_step = context_parallel.balanced(
+      make_train_step(train_model or model, tx, schedule, config.seed,
+                      peft.stop_frozen_gradients(config.peft)), cp)
+  eval_step = context_parallel.balanced(make_eval_step(model), cp)
+  options = CPU_COMPILER_OPTIONS if mesh.devices.flat[0].platform == 'cpu' else None
+  train_step = jax.jit(_under_axis_rules(train_step, mesh, config),
                        in_shardings=(state_sharding, batch_sharding),
-                       out_shardings=(state_sharding, metric_sharding), donate_argnums=0)
-  eval_step = jax.jit(_under_axis_rules(make_eval_step(model), mesh, config), in_shardings=(p_shardings, batch_sharding),
-                      out_shardings=metric_sharding)
+                       out_shardings=(state_sharding, metric_sharding), donate_argnums=0,
+                       compiler_options=options)
+  eval_step = jax.jit(_under_axis_rules(eval_step, mesh, config), in_shardings=(p_shardings, batch_sharding),
+                      out_shardings=metric_sharding, compiler_options=options)
   init = jax.jit(functools.partial(_init_state, model, tx, config.train.seq_len, memory=memory),
                  out_shardings=state_sharding)
   num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params))

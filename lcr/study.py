@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from lcr import evaluate, passkey, plots, results
-from lcr.config import Config, ConfigError, from_config_dict
+from lcr import evaluate, passkey, plots, results, retrieval
+from lcr.config import Config, ConfigError, check_choice, from_config_dict
 
 MODELS_DIR, LOGS_DIR, STUDY_FILE = 'models', 'logs', 'study.json'
 # Eval-time model fields: changing them re-evaluates a trained model, it does not retrain it.
@@ -51,6 +51,9 @@ class Study:
   parallel: int = 1
   passkey_mix: float = 0.0
   passkey_mix_format: str = 'compact'
+  # data.task values each variant is trained on, one model per (task, variant); () = the config's.
+  tasks: tuple[str, ...] = ()
+  extend: Mapping[str, Any] = dataclasses.field(default_factory=dict)   # lcr.extend.ExtendSpec
 
   def __post_init__(self):
     if not self.variants or len(set(self.variants)) != len(self.variants):
@@ -60,9 +63,11 @@ class Study:
       if not re.fullmatch(r'[A-Za-z0-9_.-]+', v):
         raise ConfigError(f'config field study.variants has {v!r}: names are directory names '
                           '(letters, digits, _ . -)')
-    unknown = sorted(set(self.overrides) - set(self.variants))
+    from lcr.data import config as data_config   # the data room imports lcr.config: import lazily
+    unknown = sorted(set(self.overrides) - set(self.variants) - set(data_config.TASKS))
     if unknown:
-      raise ConfigError(f'config field study.overrides names {unknown}, not in study.variants')
+      raise ConfigError(f'config field study.overrides names {unknown}, not in study.variants '
+                        f'(nor a task of {data_config.TASKS})')
     if self.parallel < 1:
       raise ConfigError(f'config field study.parallel={self.parallel} is invalid: must be >= 1')
     if not 0.0 <= self.passkey_mix < 1.0:
@@ -71,6 +76,26 @@ class Study:
     if self.passkey_mix_format not in passkey.FORMATS:
       raise ConfigError(f'config field study.passkey_mix_format={self.passkey_mix_format!r} is '
                         f'invalid: allowed values are {sorted(passkey.FORMATS)}')
+    for task in self.tasks:
+      check_choice('study.tasks', task, data_config.TASKS)
+    if len(set(self.tasks)) != len(self.tasks):
+      raise ConfigError(f'config field study.tasks={self.tasks!r} is invalid: expected distinct tasks')
+
+  def jobs(self) -> list[Job]:
+    """One trained model per variant, or per (task, variant) when ``tasks`` are given."""
+    return [Job(v, t) for t in self.tasks or (None,) for v in self.variants]
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """One model of the study: a variant, trained on ``task`` (None: the config's data.task)."""
+  variant: str
+  task: str | None = None
+
+  @property
+  def name(self) -> str:
+    """The model's directory and worker name: the variant, prefixed by its task if one is set."""
+    return self.variant if self.task is None else f'{self.task}-{self.variant}'
 
 
 def split_config(config: Mapping[str, Any]) -> tuple[dict[str, Any], Study]:
@@ -80,7 +105,11 @@ def split_config(config: Mapping[str, Any]) -> tuple[dict[str, Any], Study]:
   variants = study.get('variants', ())   # 'rope,alibi' or ('rope', 'alibi')
   variants = variants.split(',') if isinstance(variants, str) else variants
   study['variants'] = tuple(v.strip() for v in variants if v.strip())
+  tasks = study.get('tasks', ())
+  tasks = tasks.split(',') if isinstance(tasks, str) else tasks
+  study['tasks'] = tuple(t.strip() for t in tasks if t.strip())
   study['overrides'] = dict(study.get('overrides') or {})
+  study['extend'] = dict(study.get('extend') or {})
   known = {f.name for f in dataclasses.fields(Study)}
   if set(study) - known:
     raise ConfigError(f'config field study.{sorted(set(study) - known)[0]} does not exist; fields '
@@ -101,14 +130,18 @@ def passkey_lengths(config: Config) -> tuple[int, ...]:
   return config.eval.passkey_lengths or config.eval.eval_lengths(config.train.seq_len)
 
 
-def variant_config(values: Mapping[str, Any], study: Study, variant: str) -> Config:
-  """The run config of one variant: model.pos = the variant's name unless its overrides set it.
+def variant_config(values: Mapping[str, Any], study: Study, variant: str,
+                   task: str | None = None) -> Config:
+  """The run config of one variant: model.pos = the variant's name unless its overrides set it;
+  data.task = ``task`` when given. ``study.overrides`` of the task, then of the variant, apply.
 
   A learned table is sized to the longest evaluation length; its rows past L get no gradient, and
   ``eval.learned_positions`` (recorded in every row) says whether evaluation clamps positions to
   row L − 1 or reads those untrained rows.
   """
   merged = _merge(copy.deepcopy(dict(values)), {'model': {'pos': variant}})
+  if task is not None:
+    merged = _merge(_merge(merged, {'data': {'task': task}}), study.overrides.get(task, {}))
   config = from_config_dict(_merge(merged, study.overrides.get(variant, {})))
   if config.model.pos == 'learned':
     longest = max((config.train.seq_len, *config.eval.eval_lengths(config.train.seq_len),
@@ -178,12 +211,19 @@ def _trained_model(config: Config, directory: str):
   return params, dataclasses.replace(saved.model, **now)
 
 
-def evaluate_variant(config: Config, variant: str, workdir: str, data: EvalData) -> int:
-  """Evaluates one trained variant, appending rows not yet in the workdir; returns rows written."""
-  params, model_cfg = _trained_model(config, model_dir(workdir, variant))
+def evaluate_variant(config: Config, variant: str, workdir: str, data: EvalData | None,
+                     directory: str | None = None) -> int:
+  """Evaluates one trained variant, appending rows not yet in the workdir; returns rows written.
+
+  A model trained on a retrieval task (data.task) is scored on that task (lcr.retrieval), one
+  trained on the corpus on perplexity (and passkey when eval.passkey is set) over ``data``.
+  """
+  params, model_cfg = _trained_model(config, directory or model_dir(workdir, variant))
   train_len = config.train.seq_len
   evaluator = evaluate.Evaluator(params, model_cfg, config.eval, train_len)
   labels = dict(variant=variant, seed=config.seed)
+  if config.data.task != 'lm':
+    return retrieval.evaluate_task(config, evaluator, labels, workdir, writer=_writer())
   paths = {name: os.path.join(workdir, name)
            for name in (results.RESULTS, results.PER_POSITION, results.PASSKEY)}
   done = {results.row_key(r) for r in results.read_rows(paths[results.RESULTS])}
@@ -235,24 +275,27 @@ def _evaluate_passkey(config: Config, variant: str, evaluator: evaluate.Evaluato
   return written
 
 
-def run_variant(values: Mapping[str, Any], study: Study, variant: str, workdir: str,
+def run_variant(values: Mapping[str, Any], study: Study, job: Job, workdir: str,
                 data: EvalData | None = None) -> None:
-  """Trains the variant if its model is missing or unfinished, then evaluates what is missing."""
-  config = variant_config(values, study, variant)
-  directory = model_dir(workdir, variant)
+  """Trains the job's model if it is missing or unfinished, then evaluates what is missing."""
+  config = variant_config(values, study, job.variant, job.task)
+  directory = model_dir(workdir, job.name)
   if is_trained(directory, config.train.steps):
-    logging.info('%s: reusing the trained model in %s', variant, directory)
+    logging.info('%s: reusing the trained model in %s', job.name, directory)
   else:
     start = time.perf_counter()
     train_variant(config, study, directory)
-    logging.info('%s: trained in %.1f s', variant, time.perf_counter() - start)
-  evaluate_variant(config, variant, workdir, data or EvalData.load(config))
+    logging.info('%s: trained in %.1f s', job.name, time.perf_counter() - start)
+  if config.data.task == 'lm' and data is None:
+    data = EvalData.load(config)
+  evaluate_variant(config, job.variant, workdir, data, directory)
 
 
 def prepare_data(values: Mapping[str, Any], study: Study) -> None:
   """Builds the corpus, tokenizer and token caches once, before worker processes share them."""
   from lcr.data import pipeline
-  config = variant_config(values, study, study.variants[0])
+  job = study.jobs()[0]
+  config = variant_config(values, study, job.variant, job.task)
   pipeline.prepare_data(config.data, (config.eval.split,))
 
 
@@ -304,44 +347,62 @@ def run_parallel(argv: Sequence[str], variants: Sequence[str], workdir: str, par
 
 
 def _longest_first(values: Mapping[str, Any], study: Study) -> list[str]:
-  """Variants by decreasing number of evaluations (RoPE, with its scalings, first), so the
+  """Job names by decreasing number of evaluations (RoPE, with its scalings, first), so the
   longest job does not start last and leave a core idle."""
-  def tasks(variant):
-    config = variant_config(values, study, variant)
+  def tasks(job):
+    config = variant_config(values, study, job.variant, job.task)
     return len(evaluate.plan_tasks(config.model, config.eval, config.train.seq_len))
-  return sorted(study.variants, key=tasks, reverse=True)
+  return [job.name for job in sorted(study.jobs(), key=tasks, reverse=True)]
+
+
+def _run_in_process(values: Mapping[str, Any], study: Study, workdir: str) -> None:
+  loaded: dict[tuple, EvalData] = {}
+  for job in study.jobs():
+    config = variant_config(values, study, job.variant, job.task)
+    key = (config.data, config.eval.split)
+    if config.data.task == 'lm' and key not in loaded:
+      loaded[key] = EvalData.load(config)
+    run_variant(values, study, job, workdir, loaded.get(key))
 
 
 def run_study(config: Mapping[str, Any], workdir: str, *, worker_argv: Sequence[str] | None = None,
               only: str | None = None, plots_only: bool = False) -> dict[str, str]:
-  """The whole study (or one variant with ``only``); returns the files drawn from the results.
+  """The whole study (or one job with ``only``); returns the files drawn from the results.
 
-  ``worker_argv`` is the command that re-runs this study; with ``study.parallel`` > 1 each variant
-  runs as ``worker_argv --only=<variant>`` in its own single-threaded process pinned to one core.
+  Phases: train and evaluate every job (a variant, or a (task, variant) pair), then the extension
+  fine-tunes of ``study.extend`` (lcr.extend). ``worker_argv`` is the command that re-runs this
+  study; with ``study.parallel`` > 1 each job runs as ``worker_argv --only=<name>`` in its own
+  single-threaded process pinned to one core.
   """
+  from lcr import extend   # the extension phase
   values, study = split_config(config)
+  runs = extend.plan(values, study, workdir)
   os.makedirs(workdir, exist_ok=True)
   if only is not None:
-    if only not in study.variants:
-      raise ConfigError(f'--only={only!r} is not one of study.variants={study.variants}')
+    jobs = {job.name: job for job in study.jobs()}
+    if only not in jobs and only not in runs:
+      raise ConfigError(f'--only={only!r} is not a job of this study: {sorted(jobs) + sorted(runs)}')
     pin_worker()
-    run_variant(values, study, only, workdir)
+    if only in jobs:
+      run_variant(values, study, jobs[only], workdir)
+    else:
+      extend.run(runs[only], workdir, writer=_writer())
     return {}
   if not plots_only:
     if _writer():
       _write_study_file(workdir, config)
     start = time.perf_counter()
-    if study.parallel > 1 and worker_argv is not None and len(study.variants) > 1:
+    parallel = study.parallel > 1 and worker_argv is not None
+    if parallel and len(study.jobs()) > 1:
       prepare_data(values, study)
       run_parallel(worker_argv, _longest_first(values, study), workdir, study.parallel)
     else:
-      loaded: dict[tuple, EvalData] = {}
-      for variant in study.variants:
-        config_v = variant_config(values, study, variant)
-        key = (config_v.data, config_v.eval.split)
-        if key not in loaded:
-          loaded[key] = EvalData.load(config_v)
-        run_variant(values, study, variant, workdir, loaded[key])
+      _run_in_process(values, study, workdir)
+    if parallel and len(runs) > 1:
+      run_parallel(worker_argv, list(runs), workdir, study.parallel)
+    else:
+      for run in runs.values():
+        extend.run(run, workdir, writer=_writer())
     logging.info('study finished in %.1f s', time.perf_counter() - start)
   return plots.draw_all([workdir], workdir) if _writer() else {}
 

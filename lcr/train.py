@@ -20,8 +20,8 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from lcr import checkpoint, metrics, sharding, step as step_lib
-from lcr.config import Config
+from lcr import checkpoint, init_from, metrics, peft, sharding, step as step_lib
+from lcr.config import Config, fail
 
 LocalBatch = dict[str, np.ndarray]
 
@@ -64,10 +64,15 @@ def open_data(config: Config, process_index: int | None = None,
   """
   import lcr.data  # only training needs the data room
 
-  vocab_size = lcr.data.get_tokenizer(config.data).vocab_size   # trains BPE on the train split once
   kwargs = dict(seq_len=config.train.seq_len, batch_size=config.train.batch_size, seed=config.seed,
                 process_index=jax.process_index() if process_index is None else process_index,
                 process_count=jax.process_count() if process_count is None else process_count)
+  if config.data.task != 'lm':   # a synthetic retrieval task (lcr.data.tasks)
+    from lcr.data import tasks
+    task = tasks.get_task(config.data)
+    held_out = tasks.validation_batches(task, num_batches=config.train.eval_batches, **kwargs)
+    return Data(task.vocab_size, iter(tasks.make_task_dataset(task, **kwargs)), lambda: held_out)
+  vocab_size = lcr.data.get_tokenizer(config.data).vocab_size   # trains BPE on the train split once
   train_iter = lcr.data.make_train_iterator(config.data, **kwargs)
   val_cfg = dataclasses.replace(config.data, train_split=config.eval.split, shuffle=False)
   val_iter = lcr.data.make_train_iterator(val_cfg, **kwargs)
@@ -110,6 +115,9 @@ def prepare_workdir(workdir: str) -> None:
 
 def train(config: Config, workdir: str, data: Data) -> dict[str, float]:
   """``train_and_evaluate`` with the data given (and model.vocab_size already set)."""
+  if config.model.arch != 'decoder':
+    fail('model.arch', config.model.arch, "this trainer trains the decoder-only LM; the "
+         "encoder-decoder trains with experiments/length_generalization.py (lcr.seq2seq)")
   trainer = step_lib.make_trainer(config)   # checks mesh.shape and train.batch_size first
   prepare_workdir(workdir)
   ckpt = checkpoint.Checkpointer(workdir, config.train.keep_checkpoints)
@@ -121,10 +129,15 @@ def train(config: Config, workdir: str, data: Data) -> dict[str, float]:
         checkpoint.check_compatible(saved, config, workdir)
       state = ckpt.restore(start, trainer.abstract_state(), data.train)
       logging.info('resumed from %s', ckpt.step_path(start))
+    elif config.train.init_from:
+      state = init_from.initial_state(trainer, config)
+      logging.info('parameters from %s', config.train.init_from)
     else:
       state = trainer.init_state()
     checkpoint.write_config(workdir, config)
-    logging.info('%s parameters; mesh %s', f'{trainer.num_params:,}', dict(trainer.mesh.shape))
+    trainable, _ = peft.count(config.peft, state.params)
+    logging.info('%s parameters, %s trainable (%.2f%%); mesh %s', f'{trainer.num_params:,}',
+                 f'{trainable:,}', 100 * trainable / trainer.num_params, dict(trainer.mesh.shape))
     if start >= config.train.steps:
       return {'step': start, **evaluate(trainer, state.params, data)}
     return _Loop(config, workdir, trainer, data, ckpt, start).run(state)

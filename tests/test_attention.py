@@ -508,6 +508,31 @@ def test_cudnn_wrapper_pads_and_folds_the_mask_into_the_bias(monkeypatch):
   np.testing.assert_allclose(np.asarray(out, np.float64), want, atol=3e-2)
 
 
+def test_cudnn_uses_its_causal_mask_only_for_one_document_rows(monkeypatch):
+  """Causal, no bias: cuDNN's index mask when each row is one document with positions rising by
+  one, the positional mask as a bias array otherwise (XLA's implementation stands in on CPU)."""
+  real = jax.nn.dot_product_attention
+
+  def stand_in(q, k, v, bias=None, *, scale, implementation, is_causal=False):
+    assert implementation == 'cudnn' and (bias is None) == is_causal
+    return real(q, k, v, bias=bias, scale=scale, is_causal=is_causal, implementation='xla')
+  monkeypatch.setattr(kernels.jax.nn, 'dot_product_attention', stand_in)
+  t = 37                                     # odd: padded to 38 inside
+  q, k, v, _, _ = inputs(5, t, t)
+  rows = np.tile(np.arange(t), (2, 1))
+  one_doc = (rows + np.array([[0], [3]]), np.ones((2, t), int))           # row 1 starts at 3
+  packed = (np.stack([rows[0], np.r_[np.arange(20), np.arange(17)]]),
+            np.stack([np.ones(t, int), np.r_[[1] * 20, [2] * 17]]))
+  for (pos, seg), fast in ((one_doc, True), (packed, False)):
+    assert bool(kernels.one_document_per_row(jnp.asarray(pos), jnp.asarray(pos), jnp.asarray(seg),
+                                             jnp.asarray(seg))) == fast
+    out = attention.attend(*(jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)), q_pos=pos,
+                           k_pos=pos, q_segments=seg, k_segments=seg, backend='cudnn')
+    bf = [np.asarray(jnp.asarray(x, jnp.bfloat16), np.float64) for x in (q, k, v)]
+    want = reference_attention(*bf, reference_mask(MaskSpec(), pos, pos, seg, seg))
+    np.testing.assert_allclose(np.asarray(out, np.float64), want, atol=3e-2)
+
+
 # ----------------------------------------------------------------------------------------------
 # `auto`, explicit backends, arguments, config.
 

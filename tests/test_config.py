@@ -33,7 +33,7 @@ def test_fields_users_rely_on_exist():
       node = getattr(node, part)
 
 
-@pytest.mark.parametrize('preset', ['smoke', 'cpu', 'gpu', 'tpu'])
+@pytest.mark.parametrize('preset', ['smoke', 'cpu', 'gpu', 'tpu', 'long'])
 def test_presets_build(preset):
   cfg = cli.load(f'configs/lm.py:{preset}')
   assert cfg.train.steps > 0

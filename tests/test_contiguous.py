@@ -157,3 +157,28 @@ def test_sharded_steps_with_memory_equal_single_device_steps():
   for a, b in zip(jax.tree.leaves(jax.device_get((s8.params, s8.memory))),
                   jax.tree.leaves(jax.device_get((s1.params, s1.memory)))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_lora_on_a_carried_state_trains_only_the_adapters():
+  """The stateful model the trainer carries is built with the LoRA updates (lcr.peft): two steps
+  on a contiguous stream change exactly the SSM's adapters and carry its state."""
+  from lcr import sharding
+  from lcr.config import PeftConfig
+  from test_sharding import random_batch, tiny_config
+
+  cfg = tiny_config((1, 1, 1), num_kv_heads=0, num_layers=1, mixer='ssm', pos='none')
+  cfg = dataclasses.replace(
+      cfg, data=dataclasses.replace(cfg.data, contiguous=True, shuffle=False),
+      peft=PeftConfig(method='lora', rank=2, targets=r'mixer/(in_proj|out_proj)/kernel'))
+  trainer = step.make_trainer(cfg, mesh=sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1]))
+  state = trainer.init_state()
+  before = jax.device_get(state.params)
+  for seed in (0, 1):
+    state, _ = trainer.train_step(state, sharding.global_batch(random_batch(cfg, seed),
+                                                               trainer.batch_sharding))
+  changed = sorted(jax.tree_util.keystr(path) for (path, a), b in zip(
+      jax.tree_util.tree_leaves_with_path(before), jax.tree.leaves(jax.device_get(state.params)))
+      if not np.array_equal(a, b))
+  assert changed == [f"['layer_0']['mixer']['{p}']['lora_{ab}']"
+                     for p in ('in_proj', 'out_proj') for ab in 'ab']
+  assert any(np.any(np.asarray(x) != 0) for x in jax.tree.leaves(jax.device_get(state.memory)))

@@ -109,6 +109,12 @@ def test_causal_and_packed_documents_stay_isolated(name):
      "model.memory_update='hebbian'"),
     (dict(mixer='ssm', ssm_state=0), 'model.ssm_state=0'),
     (dict(mixer='linear', mixer_chunk=-1), 'model.mixer_chunk=-1'),
+    (dict(mixer='ssm', pos='none', context_parallel='ring'), "model.context_parallel='ring'"),
+    (dict(memory='infini', segment_length=8, context_parallel='all_gather'),
+     "model.context_parallel='all_gather'"),
+    (dict(mixer='retention', pos='none', arch='encoder_decoder'), "model.arch='encoder_decoder'"),
+    (dict(mixer='linear', pos='none', attention='shifted_sparse'),
+     "model.attention='shifted_sparse'"),
 ])
 def test_invalid_settings_name_the_field(overrides, field):
   with pytest.raises(ConfigError) as info:

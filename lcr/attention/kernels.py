@@ -28,25 +28,48 @@ def cudnn_attention(q, k, v, *, q_pos, k_pos, q_segments, k_segments, mask: Mask
   """``jax.nn.dot_product_attention(implementation='cudnn')`` with the mask as a bias array.
 
   Lengths are padded to even (cuDNN's bias gradient needs even lengths); padded keys are masked.
+  Causal self-attention without a logit bias takes cuDNN's own causal mask instead, with no
+  array at all, whenever every row is one document whose positions rise by one (checked on
+  device, ``lax.cond``): then the mask by index is the mask by position.
   """
   del chunk
   b, t, h, _ = q.shape
   s = k.shape[1]
+  causal_shape = bias_fn is None and mask.kind == 'dense' and mask.causal and t == s
+  one_document = causal_shape and one_document_per_row(q_pos, k_pos, q_segments, k_segments)
   tp, sp = t + t % 2, s + s % 2
   q, k, v = _pad(q, tp), _pad(k, sp), _pad(v, sp)
   q_pos, k_pos = _pad(q_pos, tp, 'edge'), _pad(k_pos, sp, 'edge')
   if q_segments is not None and k_segments is not None:
     q_segments, k_segments = _pad(q_segments, tp, 'edge'), _pad(k_segments, sp, 'edge')
-  ok = mask.visible(q_pos, k_pos, q_segments, k_segments, kv_len=s)
-  ok = (ok & (jnp.arange(sp) < s)[None, None, :])[:, None]             # [B, 1, T, S]
-  neg = _CUDNN_NEG[jnp.dtype(q.dtype)]
-  if bias_fn is None:
-    bias = jnp.where(ok, 0.0, neg).astype(q.dtype)
-  else:
-    bias = jnp.broadcast_to(bias_fn(q_pos, k_pos), (b, h, tp, sp))
-    bias = jnp.where(ok, bias, neg).astype(q.dtype)
-  out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation='cudnn')
-  return out[:, :t]
+
+  def with_bias(q, k, v):
+    ok = mask.visible(q_pos, k_pos, q_segments, k_segments, kv_len=s)
+    ok = (ok & (jnp.arange(sp) < s)[None, None, :])[:, None]             # [B, 1, T, S]
+    neg = _CUDNN_NEG[jnp.dtype(q.dtype)]
+    if bias_fn is None:
+      bias = jnp.where(ok, 0.0, neg).astype(q.dtype)
+    else:
+      bias = jnp.broadcast_to(bias_fn(q_pos, k_pos), (b, h, tp, sp))
+      bias = jnp.where(ok, bias, neg).astype(q.dtype)
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation='cudnn')
+
+  def causal(q, k, v):   # padded keys come after every real query: the causal mask hides them
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
+                                        implementation='cudnn')
+
+  if not causal_shape:
+    return with_bias(q, k, v)[:, :t]
+  return lax.cond(one_document, causal, with_bias, q, k, v)[:, :t]
+
+
+def one_document_per_row(q_pos, k_pos, q_segments, k_segments) -> jax.Array:
+  """Scalar bool: queries are the keys, one document per row, positions rising by one — so the
+  causal mask by index equals the one by position."""
+  ok = index_masks_apply(q_pos, k_pos, q_segments, k_segments)
+  if q_segments is not None and k_segments is not None:
+    ok &= jnp.all(q_segments == q_segments[:, :1])
+  return ok
 
 
 def index_masks_apply(q_pos, k_pos, q_segments, k_segments) -> jax.Array:

@@ -41,21 +41,27 @@ class Pattern:
   needs: tuple[str, ...]                      # MaskSpec fields that must be > 0
   allowed: Callable[..., jax.Array]           # (spec, q_pos, k_pos, kv_len) -> bool, broadcast
   maybe: Callable[..., jax.Array]             # (spec, q: Span, k: Span, kv_len, q_chunk) -> [B]
+  # Head-dependent: ``attend`` runs the first half of the heads as 'grouped' with shift 0 and the
+  # second half with shift block // 2 (LongLoRA's S²-Attn), so no backend sees this kind itself.
+  shifts_half_heads: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
 class MaskSpec:
   """An attention pattern: ``kind`` from :data:`PATTERNS` and the sizes it reads.
 
-  kind:          'dense' | 'sliding' | 'longformer' | 'bigbird' | 'sinks' | 'blockwise'
+  kind:          'dense' | 'sliding' | 'longformer' | 'bigbird' | 'sinks' | 'blockwise' | 'grouped'
+                 | 'shifted_sparse'
   causal:        keys at later positions are never visible (decoder self-attention).
   window:        sliding/longformer/sinks: tokens back (causal: 0 ≤ p − r < window;
                  bidirectional: |p − r| < window).
   global_tokens: longformer/bigbird: the first n tokens of each document see and are seen by all.
   sink_tokens:   sinks: the first n tokens of each document are always visible.
-  block:         bigbird/blockwise block size in positions (block id = position // block).
+  block:         bigbird/blockwise block size in positions (block id = position // block);
+                 grouped/shifted_sparse group size.
   random_blocks: bigbird: random key blocks per query block, drawn by :func:`random_block`.
   seed:          bigbird: seed of the random pattern (fixed, so every step sees the same one).
+  shift:         grouped: group id = (position − shift) // block.
   """
   kind: str = 'dense'
   causal: bool = True
@@ -65,11 +71,12 @@ class MaskSpec:
   block: int = 0
   random_blocks: int = 0
   seed: int = 0
+  shift: int = 0
 
   def __post_init__(self):
     if self.kind not in PATTERNS:
       raise ValueError(f'unknown attention pattern {self.kind!r}; known: {sorted(PATTERNS)}')
-    for name in ('window', 'global_tokens', 'sink_tokens', 'block', 'random_blocks'):
+    for name in ('window', 'global_tokens', 'sink_tokens', 'block', 'random_blocks', 'shift'):
       if getattr(self, name) < 0:
         raise ValueError(f'MaskSpec.{name} must be >= 0, got {getattr(self, name)}')
     for name in PATTERNS[self.kind].needs:
@@ -235,6 +242,21 @@ def _bigbird_maybe(spec: MaskSpec, q: Span, k: Span, kv_len, q_chunk):
           | _random_maybe(spec, q, k, kv_len, q_chunk))
 
 
+def _group(spec: MaskSpec, pos):
+  return (pos - spec.shift) // spec.block
+
+
+def _group_maybe(spec: MaskSpec, q: Span, k: Span):
+  """Do the group ranges of the two chunks overlap?"""
+  return (_group(spec, q.pos_lo) <= _group(spec, k.pos_hi)) & (
+      _group(spec, k.pos_lo) <= _group(spec, q.pos_hi))
+
+
+def _head_dependent(spec, *args):
+  raise ValueError(f'attention pattern {spec.kind!r} depends on the head: attend() runs it as '
+                   "'grouped' per half of the heads")
+
+
 def _true(spec, q, k, kv_len):
   del spec, kv_len
   return jnp.ones(jnp.broadcast_shapes(q.shape, k.shape), bool)
@@ -265,6 +287,11 @@ PATTERNS: dict[str, Pattern] = {p.name: p for p in (
     Pattern('blockwise', 'blockwise causal, Sun et al. 2022 (xPos) §3.3', ('block',),
             lambda s, q, k, _: _block_near(s, q // s.block, k // s.block),
             lambda s, q, k, *_: _block_near_maybe(s, q, k)),
+    Pattern('grouped', 'attention within groups of block positions, offset by shift', ('block',),
+            lambda s, q, k, _: _group(s, q) == _group(s, k),
+            lambda s, q, k, *_: _group_maybe(s, q, k)),
+    Pattern('shifted_sparse', 'shifted sparse attention (S²-Attn), Chen et al. 2024 (LongLoRA) §3.2',
+            ('block',), _head_dependent, _head_dependent, shifts_half_heads=True),
 )}
 
 

@@ -11,6 +11,10 @@ from lcr.config import check_choice, check_positive, fail
 from lcr.data.corpora import BUILTIN_CORPORA, TFDS_PREFIX
 from lcr.data.tokenizers import MIN_BPE_VOCAB, TOKENIZERS
 
+# The names of lcr.data.tasks.TASKS and lcr.passkey.FORMATS, so that validating a config needs no
+# JAX import (tests/test_tasks.py checks that they agree).
+TASKS = ('lm', 'mqar', 'passkey')
+PASSKEY_FORMATS = ('mj', 'compact')
 DATA_DIR_ENV = 'LCR_DATA_DIR'
 DEFAULT_DATA_DIR = '~/.cache/lcr/data'
 
@@ -43,6 +47,14 @@ class DataConfig:
   num_workers: int = 0  # grain worker processes (0: read in the main process).
   read_threads: int = 1  # grain threads assembling batches per process (0: on the consumer's thread).
   prefetch_batches: int = 4  # Batches grain assembles ahead of the consumer.
+  # What training reads: 'lm' (language modelling on the corpus) or a synthetic retrieval task of
+  # lcr/data/tasks.py with loss on the answers only: 'mqar' (multi-query associative recall, Arora
+  # et al. 2023) or 'passkey' (Mohtashami & Jaggi 2023, in data.tokenizer's tokens).
+  task: str = 'lm'
+  mqar_pairs: int = 8  # mqar: key-value pairs per example, each queried once.
+  mqar_vocab: int = 64  # mqar: size of each of the key, value and filler alphabets.
+  mqar_queries: int = 0  # mqar: queries per example (every key at least once; 0 = one per key).
+  passkey_format: str = 'compact'  # passkey: the prompt (lcr.passkey.FORMATS).
 
   def __post_init__(self):
     if self.corpus.startswith(TFDS_PREFIX):
@@ -69,6 +81,15 @@ class DataConfig:
     for field in ('num_workers', 'read_threads', 'prefetch_batches'):
       if getattr(self, field) < 0:
         fail(f'data.{field}', getattr(self, field), 'must be >= 0')
+    check_choice('data.task', self.task, TASKS)
+    check_positive('data.mqar_pairs', self.mqar_pairs)
+    if self.mqar_vocab < self.mqar_pairs:
+      fail('data.mqar_vocab', self.mqar_vocab,
+           f'needs at least data.mqar_pairs={self.mqar_pairs} keys (keys are drawn without repeats)')
+    if self.mqar_queries and self.mqar_queries < self.mqar_pairs:
+      fail('data.mqar_queries', self.mqar_queries,
+           f'every key is queried: use >= data.mqar_pairs={self.mqar_pairs}, or 0 (one per key)')
+    check_choice('data.passkey_format', self.passkey_format, PASSKEY_FORMATS)
 
 
 def resolve_data_dir(data_cfg: DataConfig) -> pathlib.Path:

@@ -32,6 +32,8 @@ def check_model(cfg: Any) -> None:
     _check_mixer(cfg)
   if cfg.memory != 'none':
     _check_memory(cfg)
+  if has_state(cfg):
+    _check_whole_sequence(cfg)
 
 
 def _check_mixer(cfg: Any) -> None:
@@ -75,6 +77,17 @@ def _check_memory(cfg: Any) -> None:
   if cfg.attention_backend == 'splash':
     fail('model.attention_backend', cfg.attention_backend,
          f"splash runs causal and sliding masks only, not {name}'s")
+
+
+def _check_whole_sequence(cfg: Any) -> None:
+  """Options that a recurrent state, which runs through the sequence in order, cannot serve."""
+  name = f'model.mixer={cfg.mixer!r}' if cfg.mixer != 'attention' else f'model.memory={cfg.memory!r}'
+  if getattr(cfg, 'context_parallel', 'none') != 'none':
+    fail('model.context_parallel', cfg.context_parallel, f'{name} carries a state through the '
+         "sequence in order; it cannot be split over devices (use 'none')")
+  if getattr(cfg, 'arch', 'decoder') != 'decoder':
+    fail('model.arch', cfg.arch, f"{name} is a layer of the decoder-only LM (lcr.model); use "
+         "'decoder'")
 
 
 def has_state(cfg: Any) -> bool:
