@@ -267,8 +267,8 @@ def main(argv):
       rows.append(row)
       print(json.dumps(row), flush=True)
   if _MIXERS.value:
-    print(f'\nmixers, {_DTYPE.value}, batch 1, 2 layers × d_model 128 × 4 heads; chunks, segments '
-          f'and memory of {_TRAIN_LEN.value} tokens; seconds / peak memory\n')
+    print(f'\nmixers, {_DTYPE.value}, batch 1, 2 layers × d_model 128 × 4 heads; chunks, '
+          f'segments and memory of {_TRAIN_LEN.value} tokens; seconds / peak memory\n')
   else:
     print(f'\nforward pass, {_POS.value}, {_DTYPE.value}, batch 1, 2 layers × d_model 128 × 4 '
           f'heads; chunk {_CHUNK.value}, window {_WINDOW.value}; seconds / peak memory\n')

@@ -81,7 +81,8 @@ def _check_memory(cfg: Any) -> None:
 
 def _check_whole_sequence(cfg: Any) -> None:
   """Options that a recurrent state, which runs through the sequence in order, cannot serve."""
-  name = f'model.mixer={cfg.mixer!r}' if cfg.mixer != 'attention' else f'model.memory={cfg.memory!r}'
+  name = (f'model.mixer={cfg.mixer!r}' if cfg.mixer != 'attention'
+          else f'model.memory={cfg.memory!r}')
   if getattr(cfg, 'context_parallel', 'none') != 'none':
     fail('model.context_parallel', cfg.context_parallel, f'{name} carries a state through the '
          "sequence in order; it cannot be split over devices (use 'none')")
