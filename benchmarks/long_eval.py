@@ -1,7 +1,16 @@
-"""Forward time and peak memory of one small LM at long lengths, per attention backend and variant.
+"""Forward time and peak memory of one small LM at long lengths, per attention backend and variant,
+or per token mixer and memory (lcr.mixers) and the form that computes it.
 
     python benchmarks/long_eval.py --lengths=1024,2048,4096,8192,16384,32768 \
         --backends=xla,chunked --variants=causal,sliding
+    python benchmarks/long_eval.py --mixers=attention,linear,retention,ssm,xl,infini \
+        --forms=parallel,chunkwise,recurrent --lengths=1024,4096,16384 --train_len=1024
+
+Mixers: ``parallel`` is one forward over the whole input (linear attention and retention in their
+parallel form, T×T per head; the memories segment by segment inside the call), ``chunkwise`` the
+same forward with model.mixer_chunk = --train_len (linear attention, retention), ``recurrent``
+feeds the input as a stream of --train_len-token calls that carry the state (lcr.mixers.stream):
+memory should stay flat however long the stream. Memories use segments and memory of --train_len.
 
 Each (backend, variant, length) runs in a fresh process (peak RSS is per process): it builds the
 model (2 layers, d_model 128, 4 heads, ``--pos``), compiles the forward pass ahead of time, times
@@ -35,6 +44,11 @@ _DTYPE = flags.DEFINE_string('dtype', 'float32', 'model.dtype (bfloat16 lets aut
 _BUDGET = flags.DEFINE_float('memory_budget_gb', 12.0, 'largest estimated peak to start')
 _TIMEOUT = flags.DEFINE_integer('timeout', 1800, 'seconds per measurement')
 _SINGLE = flags.DEFINE_string('single', '', 'internal: measure backend:variant:length here')
+_SINGLE_MIXER = flags.DEFINE_string('single_mixer', '', 'internal: measure mixer:form:length here')
+_MIXERS = flags.DEFINE_list('mixers', [], 'token mixers/memories to measure instead of backends: '
+                            'attention, linear, retention, ssm, xl, infini')
+_FORMS = flags.DEFINE_list('forms', ['parallel', 'chunkwise', 'recurrent'], 'mixer forms')
+_TRAIN_LEN = flags.DEFINE_integer('train_len', 1024, 'mixers: chunk, segment and memory length')
 
 MODEL = dict(vocab_size=259, num_layers=2, d_model=128, num_heads=4, ffn_dim=512)
 BASE_MB = 350            # interpreter + JAX + compiled model, measured at short lengths
@@ -45,6 +59,73 @@ def model_config(backend: str, variant: str):
   return ModelConfig(**MODEL, pos=_POS.value, attention_backend=backend, attention=variant,
                      window=_WINDOW.value, attention_block=_BLOCK.value,
                      attention_chunk=_CHUNK.value, dtype=_DTYPE.value)
+
+
+MIXER_MODELS = {   # model fields per --mixers name; memories take segments of --train_len
+    'attention': dict(pos='rope'), 'linear': dict(mixer='linear', pos='none'),
+    'retention': dict(mixer='retention', pos='none'), 'ssm': dict(mixer='ssm', pos='none'),
+    'xl': dict(memory='xl', pos='rope'), 'infini': dict(memory='infini', pos='rope'),
+}
+
+
+def mixer_config(mixer: str, form: str):
+  from lcr.config import ModelConfig
+  n = _TRAIN_LEN.value
+  extra = dict(MIXER_MODELS[mixer])
+  if 'memory' in extra:
+    extra.update(segment_length=n, memory_length=n if mixer == 'xl' else 0)
+  if form == 'chunkwise':
+    extra.update(mixer_chunk=n)
+  return ModelConfig(**MODEL, **extra, dtype=_DTYPE.value)
+
+
+def mixer_applies(mixer: str, form: str) -> str | None:
+  """Why (mixer, form) is not measured, or None."""
+  if form == 'chunkwise' and mixer not in ('linear', 'retention'):
+    return 'has no chunkwise form'
+  if form == 'recurrent' and mixer == 'attention':
+    return 'a KV cache grows with the stream'
+  return None
+
+
+def estimate_mixer_mb(mixer: str, form: str, length: int) -> float:
+  """Peak RSS guess: the parallel forms hold [H, T, T] scores (retention also its decays), the
+  associative scan [T, 2·d, N] pairs; chunked and recurrent forms one chunk's worth."""
+  span = _TRAIN_LEN.value if form != 'parallel' or mixer in ('xl', 'infini') else length
+  act = length * (MODEL['d_model'] * 12 + MODEL['vocab_size'] * 2) * 4 / 2**20
+  if form == 'recurrent':
+    act = act * _TRAIN_LEN.value / length
+  quadratic = {'attention': 0.0, 'linear': 3.0, 'retention': 5.0}.get(mixer, 2.0)
+  scan = 8 * length * 2 * MODEL['d_model'] * 16 * 4 / 2**20 if mixer == 'ssm' else 0.0
+  per_head = quadratic * MODEL['num_heads'] * span * span * 4 / 2**20
+  return BASE_MB + act + (per_head if mixer != 'attention' else estimate_mb('chunked', length))\
+      + (scan if form != 'recurrent' else scan * _TRAIN_LEN.value / length)
+
+
+def measure_mixer(mixer: str, form: str, length: int) -> dict:
+  """Runs in the child process: compile, time one forward (or one pass over the stream)."""
+  import jax
+  import jax.numpy as jnp
+  from lcr.mixers import stream
+  from lcr.model import TransformerLM
+  cfg = mixer_config(mixer, form)
+  model = TransformerLM(cfg)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))['params']
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (1, length + 1), 0, MODEL['vocab_size'])
+  if form == 'recurrent':
+    jitted = stream.chunk_fn(cfg)
+    stream.score(params, cfg, tokens[0, :_TRAIN_LEN.value + 1], _TRAIN_LEN.value, jitted)  # compile
+    run = lambda: stream.score(params, cfg, tokens[0], _TRAIN_LEN.value, jitted)
+  else:
+    forward = jax.jit(model.apply).lower({'params': params}, tokens[:, :-1]).compile()
+    run = lambda: jax.block_until_ready(forward({'params': params}, tokens[:, :-1]))
+  base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  start = time.perf_counter()
+  run()
+  seconds = time.perf_counter() - start
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  return dict(seconds=round(seconds, 3), peak_rss_mb=round(peak), compiled_rss_mb=round(base),
+              status='ok')
 
 
 def estimate_mb(backend: str, length: int) -> float:
@@ -89,16 +170,25 @@ def measure(backend: str, variant: str, length: int) -> dict:
   return row
 
 
-def run_child(backend: str, variant: str, length: int) -> dict:
+def run_child(backend: str, variant: str, length: int, mixer: bool = False) -> dict:
+  """One measurement in a fresh process: (backend, variant), or (mixer, form) with ``mixer``."""
   row = dict(backend=backend, variant=variant, length=length, pos=_POS.value, seconds=None,
              peak_rss_mb=None)
+  if mixer:
+    row = dict(mixer=backend, form=variant, length=length, train_len=_TRAIN_LEN.value,
+               seconds=None, peak_rss_mb=None)
+    why_not = mixer_applies(backend, variant)
+    if why_not:
+      return {**row, 'status': 'n/a', 'reason': why_not}
   limit = min(_BUDGET.value * 1024, 0.8 * available_mb())
-  guess = estimate_mb(backend, length)
+  guess = estimate_mixer_mb(backend, variant, length) if mixer else estimate_mb(backend, length)
   if guess > limit:
     return {**row, 'status': 'skipped', 'estimated_mb': round(guess),
             'reason': f'estimated {guess / 1024:.1f} GB > limit {limit / 1024:.1f} GB'}
-  argv = [sys.executable, os.path.abspath(__file__), f'--single={backend}:{variant}:{length}',
-          *(f'--{f.name}={f.value}' for f in (_POS, _WINDOW, _BLOCK, _CHUNK, _DTYPE))]
+  single = f'--single_mixer={backend}:{variant}:{length}' if mixer else (
+      f'--single={backend}:{variant}:{length}')
+  argv = [sys.executable, os.path.abspath(__file__), single,
+          *(f'--{f.name}={f.value}' for f in (_POS, _WINDOW, _BLOCK, _CHUNK, _TRAIN_LEN, _DTYPE))]
   env = {**os.environ, 'PYTHONPATH': os.pathsep.join(
       [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
        os.environ.get('PYTHONPATH', '')])}
@@ -116,6 +206,8 @@ def run_child(backend: str, variant: str, length: int) -> dict:
 
 
 def cell(row: dict) -> str:
+  if row['status'] == 'n/a':
+    return '—'
   if row['status'] == 'ok' and 'device_peak_mb' in row:
     return f"{row['seconds']:.2f} s / {row['device_peak_mb'] / 1024:.2f} GB on device"
   if row['status'] == 'ok':
@@ -125,26 +217,33 @@ def cell(row: dict) -> str:
   return row['status']
 
 
+def _key(row: dict) -> tuple[str, str]:
+  return (row['mixer'], row['form']) if 'mixer' in row else (row['backend'], row['variant'])
+
+
+def length_label(n: int) -> str:
+  return f'{n // 1024}k' if n % 1024 == 0 else str(n)
+
+
 def table(rows: list[dict], lengths: list[int]) -> str:
-  head = '| backend | attention | ' + ' | '.join(f'{n // 1024}k' for n in lengths) + ' |'
+  names = ('mixer', 'form') if rows and 'mixer' in rows[0] else ('backend', 'attention')
+  head = f'| {names[0]} | {names[1]} | ' + ' | '.join(map(length_label, lengths)) + ' |'
   lines = [head, '|' + '---|' * (len(lengths) + 2)]
-  keys = list(dict.fromkeys((r['backend'], r['variant']) for r in rows))
-  for backend, variant in keys:
-    by_len = {r['length']: r for r in rows if (r['backend'], r['variant']) == (backend, variant)}
-    lines.append(f'| {backend} | {variant} | '
-                 + ' | '.join(cell(by_len[n]) for n in lengths) + ' |')
+  for key in dict.fromkeys(map(_key, rows)):
+    by_len = {r['length']: r for r in rows if _key(r) == key}
+    lines.append(f'| {key[0]} | {key[1]} | ' + ' | '.join(cell(by_len[n]) for n in lengths) + ' |')
   return '\n'.join(lines)
 
 
 def growth(rows: list[dict]) -> list[str]:
-  """Per backend/variant: memory the forward pass adds to the compiled model, by length."""
+  """Per backend/variant (mixer/form): memory the forward pass adds to the compiled model."""
   notes = []
-  for key in dict.fromkeys((r['backend'], r['variant']) for r in rows):
+  for key in dict.fromkeys(map(_key, rows)):
     ok = sorted((r['length'], r['peak_rss_mb'] - r['compiled_rss_mb']) for r in rows
-                if (r['backend'], r['variant']) == key and r['status'] == 'ok')
+                if _key(r) == key and r['status'] == 'ok')
     if ok:
       notes.append(f'{key[0]}/{key[1]}: MB added by the forward pass: '
-                   + ', '.join(f'{n // 1024}k {mb}' for n, mb in ok))
+                   + ', '.join(f'{length_label(n)} {mb}' for n, mb in ok))
   return notes
 
 
@@ -154,16 +253,25 @@ def main(argv):
     backend, variant, length = _SINGLE.value.split(':')
     print(json.dumps(measure(backend, variant, int(length))), flush=True)
     return
+  if _SINGLE_MIXER.value:
+    mixer, form, length = _SINGLE_MIXER.value.split(':')
+    print(json.dumps(measure_mixer(mixer, form, int(length))), flush=True)
+    return
   lengths = [int(n) for n in _LENGTHS.value]
+  pairs = ([(m, f, True) for m in _MIXERS.value for f in _FORMS.value] if _MIXERS.value else
+           [(b, v, False) for b in _BACKENDS.value for v in _VARIANTS.value])
   rows = []
-  for backend in _BACKENDS.value:
-    for variant in _VARIANTS.value:
-      for length in lengths:
-        row = run_child(backend, variant, length)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-  print(f'\nforward pass, {_POS.value}, {_DTYPE.value}, batch 1, 2 layers × d_model 128 × 4 '
-        f'heads; chunk {_CHUNK.value}, window {_WINDOW.value}; seconds / peak memory\n')
+  for first, second, mixer in pairs:
+    for length in lengths:
+      row = run_child(first, second, length, mixer)
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+  if _MIXERS.value:
+    print(f'\nmixers, {_DTYPE.value}, batch 1, 2 layers × d_model 128 × 4 heads; chunks, '
+          f'segments and memory of {_TRAIN_LEN.value} tokens; seconds / peak memory\n')
+  else:
+    print(f'\nforward pass, {_POS.value}, {_DTYPE.value}, batch 1, 2 layers × d_model 128 × 4 '
+          f'heads; chunk {_CHUNK.value}, window {_WINDOW.value}; seconds / peak memory\n')
   print(table(rows, lengths))
   for note in growth(rows):
     print(note)

@@ -18,6 +18,10 @@ Presets (the argument after the colon):
          L = 512, evaluated up to 16k) on PG-19 (tfds) with a 32k BPE vocabulary, for TPU VMs.
   smoke  two encodings, a few steps, two lengths: the end-to-end test.
   smoke_phases  the retrieval and extension phases in seconds (tests/test_extend.py).
+  directions  quick's models at half its steps with recurrence and memory (Transformer-XL,
+         Infini-attention) and other token mixers (linear attention, RetNet, a Mamba-style SSM)
+         next to RoPE and ALiBi, with passkey retrieval; docs/memory_and_mixers.md:
+         python experiments/extrapolation.py --config=configs/extrapolation.py:directions --workdir=runs/directions
 
 Every field can be overridden, e.g. ``--config.train.steps=2000`` or
 ``--config.study.variants=rope,alibi``. ``study`` describes the study itself: the variants
@@ -148,8 +152,41 @@ def smoke_phases() -> ml_collections.ConfigDict:
   return config
 
 
-PRESETS = {'quick': quick, 'retrieval': retrieval, 'extend': extend, 'paper': paper,
-           'smoke': smoke, 'smoke_phases': smoke_phases}
+
+
+# study.overrides of the directions preset: each a memory or mixer (lcr.mixers) on quick's model.
+# Memories train on contiguous streams, carrying their state from step to step; mixers on packed
+# rows like the encodings. Infini-attention reads two segments per row, so the memory it writes in
+# one segment is read, with gradient, in the next (as the paper trains).
+CONTIGUOUS = {'data': {'contiguous': True, 'shuffle': False}}
+DIRECTIONS = {
+    'xl': {'model': {'pos': 'rope', 'memory': 'xl', 'segment_length': 64, 'memory_length': 64},
+           **CONTIGUOUS},
+    'infini': {'model': {'pos': 'rope', 'memory': 'infini', 'segment_length': 32,
+                         'memory_update': 'delta'}, **CONTIGUOUS},
+    'linear': {'model': {'pos': 'none', 'mixer': 'linear'}},
+    'retention': {'model': {'pos': 'none', 'mixer': 'retention'}},
+    # Inner width d_model (Mamba: 2·d_model) keeps the block at attention's parameter count.
+    'ssm': {'model': {'pos': 'none', 'mixer': 'ssm', 'ssm_expand': 1}},
+}
+
+
+def directions() -> ml_collections.ConfigDict:
+  """quick's model at half its budget for RoPE, ALiBi, two memories and three mixers; passkey at
+  L, 8L and 32L."""
+  config = quick()
+  # 400 steps of 32 rows (quick: 800): seven models, the SSM's scan ~4x attention's cost on CPU.
+  config.train.update(steps=400)
+  config.eval.update(rope_scalings=('none',), passkey=True, passkey_lengths=(64, 512, 2048),
+                     passkey_modes=('teacher_forced',))
+  # The SSM, the slowest to train, first: the other worker trains the rest meanwhile.
+  config.study.update(variants='ssm,rope,alibi,xl,infini,linear,retention',
+                      overrides=ml_collections.ConfigDict(DIRECTIONS))
+  return config
+
+
+PRESETS = {'quick': quick, 'retrieval': retrieval, 'extend': extend, 'directions': directions,
+           'paper': paper, 'smoke': smoke, 'smoke_phases': smoke_phases}
 
 
 def get_config(arg: str = 'quick') -> ml_collections.ConfigDict:
@@ -165,7 +202,8 @@ def get_sweep(arg: str = 'quick') -> list[dict]:
   ``experiments/sweep.py`` gives each its own workdir and combines their results.
   """
   config = get_config(arg)
-  train_lens = {'paper': (512, 1024)}.get(arg, (48,) if arg.startswith('smoke') else (64, 128))
+  train_lens = {'paper': (512, 1024), 'directions': (64,)}.get(
+      arg, (48,) if arg.startswith('smoke') else (64, 128))
   seeds = (0, 1)
   return [{'study.variants': variant, 'seed': seed, 'train.seq_len': length}
           for variant in config.study.variants.split(',') for seed in seeds for length in train_lens]

@@ -100,6 +100,9 @@ CONTEXT_PARALLEL = ('none', 'ring', 'all_gather')
 # decoder: the decoder-only LM (lcr.model); encoder_decoder: Vaswani et al. 2017's encoder-decoder
 # (lcr.seq2seq.model), trained by experiments/length_generalization.py.
 ARCHS = ('decoder', 'encoder_decoder')
+MIXERS = ('attention', 'linear', 'retention', 'ssm')      # lcr.mixers (names only here)
+MEMORIES = ('none', 'xl', 'infini')
+MEMORY_UPDATES = ('linear', 'delta')
 
 
 DROPLESS = (0.0, -1.0)   # moe.capacity_factor values that mean "no capacity limit"
@@ -193,6 +196,18 @@ class ModelConfig:
   param_dtype: str = 'float32'
   remat: bool = False
   scan_layers: bool = False
+  # Token mixers other than softmax attention, and attention with memory (lcr/mixers,
+  # docs/memory_and_mixers.md; checked by lcr.mixers.checks).
+  mixer: str = 'attention'         # attention | linear | retention | ssm
+  mixer_chunk: int = 0             # linear/retention: tokens per chunk (0 = one chunk: parallel form)
+  memory: str = 'none'             # attention only: none | xl (Transformer-XL) | infini
+  memory_length: int = 0           # xl: hidden states before its segment that a token also sees (M)
+  segment_length: int = 0          # xl/infini: tokens per segment (S); memory advances per segment
+  memory_update: str = 'linear'    # infini: the 'linear' or 'delta' memory update
+  ssm_state: int = 16              # ssm: state size N per channel (Mamba: 16)
+  ssm_conv: int = 4                # ssm: width of the causal depthwise convolution (Mamba: 4)
+  ssm_expand: int = 2              # ssm: inner width = ssm_expand * d_model (Mamba: 2)
+  ssm_dt_rank: int = 0             # ssm: rank of the projection to Δ (0 = ceil(d_model / 16), Mamba)
 
   def __post_init__(self):
     for name in ('vocab_size', 'num_layers', 'd_model', 'num_heads', 'max_len', 't5_num_buckets',
@@ -240,6 +255,8 @@ class ModelConfig:
     if self.pos_combine == 'concat' and self.pos_dim and self.pos_dim >= self.d_model:
       fail('model.pos_dim', self.pos_dim, f'must be smaller than model.d_model={self.d_model}')
     self._check_attention()
+    from lcr.mixers import checks   # names and numbers only: no JAX
+    checks.check_model(self)
     self._check_moe()
 
   def _check_moe(self):
@@ -649,6 +666,8 @@ class Config:
     if not isinstance(self.seed, int) or isinstance(self.seed, bool):
       fail('seed', self.seed, 'expected an integer')
     self.model.check_length(self.train.seq_len, 'train.seq_len')
+    from lcr.mixers import checks
+    checks.check_run(self)
 
 
 def _data_config(values: Mapping[str, Any] | None):

@@ -18,6 +18,7 @@ from lcr.config import ModelConfig
 from lcr.decode import cache as cache_lib
 from lcr.decode import layer_cache
 from lcr.decode.cache import CacheLayout
+from lcr.mixers import registry as mixers
 
 EMBED_AXES = ('batch', 'length', 'embed')
 
@@ -102,7 +103,8 @@ class Block(nn.Module):
     cfg = self.cfg
     drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
     ffn = self.ffn_kind or cfg.ffn
-    attend = Attention(cfg, self.cache, name='attention')
+    mixer, scope = mixers.select(cfg, Attention)   # attention, or lcr.mixers (model.mixer/memory)
+    attend = mixer(cfg, self.cache, name=scope)
     sublayers = (
         ('attn', lambda h: attend(h, positions_BxT, segments_BxT, pos_table,
                                   fresh_cache=self.fresh_cache)),

@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding
 from lcr import layers, losses, matmul_layout, moe, optim, peft, sharding
 from lcr.attention import context_parallel
 from lcr.config import Config
+from lcr.mixers import carry
 from lcr.model import TransformerLM
 
 # Flax collection in which a module reports auxiliary losses (``self.sow(AUX_LOSSES, name, v)``);
@@ -40,6 +41,8 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
+  # A recurrent model's state from the last step (data.contiguous; lcr.mixers.carry), else None.
+  memory: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,9 +71,10 @@ class Trainer:
 
 
 def _init_state(model: TransformerLM, tx: optax.GradientTransformation, seq_len: int,
-                rng: jax.Array) -> TrainState:
+                rng: jax.Array, memory: Any = None) -> TrainState:
   params = nn.meta.unbox(_init_params(model, rng, seq_len))
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    memory=None if memory is None else carry.empty(memory))
 
 
 def _init_params(model: TransformerLM, rng: jax.Array, seq_len: int) -> Any:
@@ -95,17 +99,21 @@ def forward(model: TransformerLM, params: Any, batch: Batch, *, rng: jax.Array |
   return logits, sown_aux_loss(sown)
 
 
-def forward_sown(model: TransformerLM, params: Any, batch: Batch, *, rng: jax.Array | None = None):
+def forward_sown(model: TransformerLM, params: Any, batch: Batch, *, rng: jax.Array | None = None,
+                 memory: Any = None):
   """(logits [B, T, V] float32, the collections the model sowed: AUX_LOSSES, MODEL_METRICS).
 
+  With ``memory`` (data.contiguous: the ``cache`` collection of a stateful model, lcr.mixers.carry)
+  the model starts from that state, and the returned collections hold the one it ends in, 'cache'.
   Dense layers run as 2-D matmuls (lcr.matmul_layout): same result, a faster backward pass.
   """
   deterministic = rng is None
+  variables = {'params': params} if memory is None else {'params': params, 'cache': memory}
+  mutable = [AUX_LOSSES, MODEL_METRICS] + ([] if memory is None else ['cache'])
   with matmul_layout.two_d_matmuls():
-    return model.apply({'params': params}, batch['inputs'], batch['positions'],
+    return model.apply(variables, batch['inputs'], batch['positions'],
                        batch['segment_ids'], deterministic=deterministic,
-                       rngs=None if deterministic else {'dropout': rng},
-                       mutable=[AUX_LOSSES, MODEL_METRICS])
+                       rngs=None if deterministic else {'dropout': rng}, mutable=mutable)
 
 
 def sown_aux_loss(sown: Any) -> jax.Array:
@@ -125,17 +133,20 @@ def make_train_step(model: TransformerLM, tx: optax.GradientTransformation,
     rng = jax.random.fold_in(jax.random.key(seed), state.step)   # dropout: same on resume
 
     def loss_fn(params):
-      logits, sown = forward_sown(model, freeze(params), batch, rng=rng)
+      logits, sown = forward_sown(model, freeze(params), batch, rng=rng, memory=state.memory)
       aux_loss = sown_aux_loss(sown)
       sum_loss, sum_weights = losses.cross_entropy(logits, batch['targets'], batch['weights'])
       ce = sum_loss / jnp.maximum(sum_weights, 1.0)
-      return ce + aux_loss, (ce, aux_loss, sum_weights, sown.get(MODEL_METRICS, {}))
+      # data.contiguous: the state the next step starts from (no gradient across steps)
+      memory = (None if state.memory is None
+                else jax.lax.stop_gradient(nn.meta.unbox(sown['cache'])))
+      return ce + aux_loss, (ce, aux_loss, sum_weights, sown.get(MODEL_METRICS, {}), memory)
 
-    (_, (ce, aux_loss, tokens, sown_metrics)), grads = jax.value_and_grad(
+    (_, (ce, aux_loss, tokens, sown_metrics, memory)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                           opt_state=opt_state)
+                           opt_state=opt_state, memory=memory)
     metrics = {'loss': ce, 'aux_loss': aux_loss, 'grad_norm': optax.tree.norm(grads),
                'lr': schedule(state.step), 'train_tokens': tokens,
                **moe.summarize(sown_metrics, getattr(model, 'cfg', None))}
@@ -162,6 +173,16 @@ def _under_axis_rules(fn: Callable, mesh: Mesh, config: Config) -> Callable:
   return traced
 
 
+def _carried_memory(config: Config, mesh: Mesh) -> tuple[TransformerLM | None, Any, Any]:
+  """(the stateful model, its abstract state, the state's shardings) when data.contiguous carries
+  a recurrent state across steps (lcr.mixers.carry); (None, None, None) otherwise."""
+  if not config.data.contiguous:
+    return None, None, None
+  model = peft.build_model(config).clone(cache=carry.STATE_ONLY)   # with LoRA/adapters, if any
+  abstract = carry.abstract_memory(model, config.train.batch_size, config.train.seq_len)
+  return model, abstract, sharding.logical_shardings(abstract, mesh, config.mesh)
+
+
 @functools.lru_cache(maxsize=4)
 def make_trainer(config: Config, mesh: Mesh | None = None) -> Trainer:
   """Builds the mesh (checking it and the batch against the devices) and jits the steps.
@@ -183,13 +204,16 @@ def make_trainer(config: Config, mesh: Mesh | None = None) -> Trainer:
   opt_shardings = optax.tree_map_params(
       tx, lambda p, s: p if frozen(p) else s, jax.eval_shape(tx.init, abstract_params), p_shardings,
       transform_non_params=lambda _: repl, is_leaf=frozen)
-  state_sharding = TrainState(step=repl, params=p_shardings, opt_state=opt_shardings)
+  train_model, memory, memory_sharding = _carried_memory(config, mesh)
+  state_sharding = TrainState(step=repl, params=p_shardings, opt_state=opt_shardings,
+                              memory=memory_sharding)
   batch_sharding = sharding.batch_sharding(mesh, config.mesh)
   metric_sharding = repl
   # With the sequence sharded, every batch is first put in causal load-balanced order.
   cp = context_parallel.trainer_size(config, dict(mesh.shape))
   train_step = context_parallel.balanced(
-      make_train_step(model, tx, schedule, config.seed, peft.stop_frozen_gradients(config.peft)), cp)
+      make_train_step(train_model or model, tx, schedule, config.seed,
+                      peft.stop_frozen_gradients(config.peft)), cp)
   eval_step = context_parallel.balanced(make_eval_step(model), cp)
   options = CPU_COMPILER_OPTIONS if mesh.devices.flat[0].platform == 'cpu' else None
   train_step = jax.jit(_under_axis_rules(train_step, mesh, config),
@@ -198,7 +222,7 @@ def make_trainer(config: Config, mesh: Mesh | None = None) -> Trainer:
                        compiler_options=options)
   eval_step = jax.jit(_under_axis_rules(eval_step, mesh, config), in_shardings=(p_shardings, batch_sharding),
                       out_shardings=metric_sharding, compiler_options=options)
-  init = jax.jit(functools.partial(_init_state, model, tx, config.train.seq_len),
+  init = jax.jit(functools.partial(_init_state, model, tx, config.train.seq_len, memory=memory),
                  out_shardings=state_sharding)
   num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params))
   return Trainer(config=config, model=model, tx=tx, mesh=mesh, state_sharding=state_sharding,

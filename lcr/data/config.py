@@ -38,6 +38,10 @@ class DataConfig:
   # True: documents are concatenated and cut into full rows (a long document continues in the next
   # row). False: one document per row, truncated to seq_len + 1 tokens and padded.
   packing: bool = True
+  # True: row b of every batch continues row b of the batch before, each row reading its own
+  # contiguous part of the training stream (lcr.data.contiguous), so a model with a recurrent state
+  # (model.memory, model.mixer) carries it from step to step. Needs packing and no shuffling.
+  contiguous: bool = False
   shuffle: bool = True
   shuffle_seed: int = 0  # Combined with the trainer's seed; rows are reshuffled every epoch.
   num_workers: int = 0  # grain worker processes (0: read in the main process).
@@ -69,6 +73,9 @@ class DataConfig:
       fail('data.vocab_size', self.vocab_size,
            f'BPE needs >= {MIN_BPE_VOCAB} (256 byte pieces, specials and the characters of the corpus)')
     check_positive('data.bpe_train_bytes', self.bpe_train_bytes)
+    if self.contiguous and (self.shuffle or not self.packing):
+      fail('data.contiguous', self.contiguous, 'reads each row\'s stream in order: it needs '
+           'data.packing=True and data.shuffle=False')
     if not 0 <= self.shuffle_seed < 2**32:
       fail('data.shuffle_seed', self.shuffle_seed, 'must be in [0, 2**32)')
     for field in ('num_workers', 'read_threads', 'prefetch_batches'):

@@ -26,6 +26,7 @@ import grain
 import numpy as np
 
 from lcr.config import fail
+from lcr.data import contiguous
 from lcr.data.config import DataConfig
 from lcr.data.packing import ROW_LAYOUTS, DocumentRows, PackedRows
 from lcr.data.token_cache import TokenStream, load_tokens
@@ -71,6 +72,8 @@ def make_train_dataset(data_cfg: DataConfig, *, seq_len: int, batch_size: int, s
   rows come in stream order.
   """
   local_batch = _check_sharding(batch_size, process_index, process_count)
+  if data_cfg.contiguous:
+    return _contiguous_dataset(data_cfg, seq_len, batch_size, process_index, process_count)
   rows = train_rows(data_cfg, seq_len)
   dataset = grain.MapDataset.source(rows)[process_index::process_count]
   if len(dataset) == 0:
@@ -87,6 +90,17 @@ def make_train_dataset(data_cfg: DataConfig, *, seq_len: int, batch_size: int, s
     _allow_grain_workers()
     iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.num_workers))
   return iter_dataset
+
+
+def _contiguous_dataset(data_cfg: DataConfig, seq_len: int, batch_size: int, process_index: int,
+                        process_count: int) -> grain.IterDataset:
+  """Batches whose rows continue from step to step (lcr.data.contiguous); not shuffled."""
+  stream = load_tokens(data_cfg, data_cfg.train_split, get_tokenizer(data_cfg))
+  source = contiguous.ContiguousBatches(
+      stream, seq_len, batch_size, contiguous.local_rows(batch_size, process_index, process_count))
+  read_options = grain.ReadOptions(num_threads=data_cfg.read_threads,
+                                   prefetch_buffer_size=data_cfg.prefetch_batches)
+  return grain.MapDataset.source(source).to_iter_dataset(read_options)
 
 
 def make_train_iterator(data_cfg: DataConfig, *, seq_len: int, batch_size: int, seed: int,
