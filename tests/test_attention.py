@@ -69,6 +69,9 @@ def _pattern(spec, p, r, kv_len):
     return local or is_global
   if spec.kind == 'sinks':
     return local or r < spec.sink_tokens
+  if spec.kind == 'grouped':   # LongLoRA §3.2: attention within groups of block, offset by shift
+    shift = getattr(spec, 'shift', 0)
+    return (p - shift) // spec.block == (r - shift) // spec.block
   pb, rb = p // spec.block, r // spec.block
   near = (0 if spec.causal else -1) <= pb - rb <= 1
   if spec.kind == 'blockwise':
@@ -628,7 +631,8 @@ def test_config_names_agree_with_the_registries():
   assert set(config.ATTENTION_BACKENDS) == {'auto', *attention.BACKENDS}
   kinds = {attention.mask_from_config(ModelConfig(attention=a, window=4, attention_block=8)).kind
            for a in config.ATTENTION_VARIANTS}
-  assert kinds == set(attention.PATTERNS)
+  # 'xl' is Transformer-XL's segment + memory pattern, set by model.memory, not model.attention.
+  assert kinds | {'xl'} == set(attention.PATTERNS)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ FIELDS = dict(window=5, global_tokens=2, sink_tokens=3, attention_block=4, bigbi
 # The fields each pattern reads (MaskSpec names, as in the papers' definitions).
 READS = {'causal': (), 'sliding': ('window',), 'longformer': ('window', 'global_tokens'),
          'bigbird': ('block', 'global_tokens', 'random_blocks', 'seed'),
-         'sinks': ('window', 'sink_tokens'), 'blockwise': ('block',)}
+         'sinks': ('window', 'sink_tokens'), 'blockwise': ('block',), 'grouped': ('block',),
+         'shifted_sparse': ('block',)}
 T = 32
 # Row 0 packs two documents (positions restart at 13: global and sink tokens are per document).
 POSITIONS = np.stack([np.r_[np.arange(13), np.arange(T - 13)], np.arange(T)])
@@ -37,11 +38,24 @@ def paper_spec(variant: str, causal: bool = True, **fields) -> types.SimpleNames
   return types.SimpleNamespace(
       kind='dense' if variant == 'causal' else variant, causal=causal, window=f['window'],
       global_tokens=f['global_tokens'], sink_tokens=f['sink_tokens'], block=f['attention_block'],
-      random_blocks=f['bigbird_random_blocks'], seed=f['bigbird_seed'])
+      random_blocks=f['bigbird_random_blocks'], seed=f['bigbird_seed'], shift=0)
 
 
 def paper_mask(spec) -> np.ndarray:
+  """[B, T, S]; for S²-Attn [B, 2, T, S], one mask per half of the heads (LongLoRA §3.2: the
+  second half's groups are shifted by half a group)."""
+  if spec.kind == 'shifted_sparse':
+    halves = [types.SimpleNamespace(**{**vars(spec), 'kind': 'grouped', 'shift': shift})
+              for shift in (0, spec.block // 2)]
+    return np.stack([paper_mask(h) for h in halves], axis=1)
   return reference_mask(spec, POSITIONS, POSITIONS, SEGMENTS, SEGMENTS, kv_len=T)
+
+
+def visible(spec) -> np.ndarray:
+  """What lcr's MaskSpec lets through, in paper_mask's layout."""
+  if spec.pattern.shifts_half_heads:
+    return np.stack([visible(h) for h in attention.half_head_specs(spec)], axis=1)
+  return np.asarray(spec.visible(POSITIONS, POSITIONS, SEGMENTS, SEGMENTS, kv_len=T))
 
 
 CONFIG_NAME = {'window': 'window', 'global_tokens': 'global_tokens', 'sink_tokens': 'sink_tokens',
@@ -58,8 +72,7 @@ def test_mask_from_config_passes_every_field(variant, causal):
   assert (spec.kind, spec.causal) == (want.kind, want.causal)
   for name in CONFIG_NAME:
     assert getattr(spec, name) == getattr(want, name), name
-  got = np.asarray(spec.visible(POSITIONS, POSITIONS, SEGMENTS, SEGMENTS, kv_len=T))
-  np.testing.assert_array_equal(got, paper_mask(want))
+  np.testing.assert_array_equal(visible(spec), paper_mask(want))
   for name in READS[variant]:   # each field the pattern reads changes its mask here
     other = paper_spec(variant, causal, **{CONFIG_NAME[name]: FIELDS[CONFIG_NAME[name]] + 1})
     assert not np.array_equal(paper_mask(other), paper_mask(want)), name
@@ -88,4 +101,7 @@ def test_model_sees_exactly_the_keys_of_its_pattern(variant, params):
                                            rep(POSITIONS), rep(SEGMENTS)))
   logits = logits.reshape(2, T + 1, T, -1)
   changed = np.abs(logits[:, 1:] - logits[:, :1]).max(-1) > 1e-6      # [row, j, i]
-  np.testing.assert_array_equal(changed.transpose(0, 2, 1), paper_mask(paper_spec(variant)))
+  want = paper_mask(paper_spec(variant))
+  if variant == 'shifted_sparse':   # two heads, one per half: query i depends on j if either sees it
+    want = want.any(axis=1)
+  np.testing.assert_array_equal(changed.transpose(0, 2, 1), want)
