@@ -10,7 +10,8 @@ Presets (the argument after the colon):
          monotonic attention decoded hard and — the same training — with expected alignments,
          location-aware attention, self-critical RL) and decoder-only models with
          five encodings; two worker processes (908 s on a 2-core CPU shared with
-         other training, docs/seq2seq.md).
+         other training before monotonic_expected, about 100 s of training, was added;
+         docs/seq2seq.md).
   large  the same variants on every task (copy, reverse, sort, addition, rewrite) with a bigger
          model and longer training, for an accelerator (``get_sweep('large')`` runs one task each).
   smoke  two variants, a few steps: the end-to-end test.
