@@ -7,12 +7,15 @@
   pointer-generator, GQA, rows of different source and prompt lengths, past the training length.
 * Packed rows give each example exactly what it gets alone (grain's packing, every kind).
 * The pointer with p_gen → 0 outputs the copy distribution of the last layer's attention over the
-  source tokens; hard monotonic attention in the model never moves backwards.
+  source tokens; hard monotonic attention in the model never moves backwards; decoding with
+  expected monotonic alignments (``seq2seq.monotonic_decode``) is cached like the full forward.
+* Every head's initial monotonic energy can reach both hard decisions (σ(e) > 0.99 and < 0.01).
 """
 
 import dataclasses
 import functools
 import math
+import types
 
 import jax
 import jax.numpy as jnp
@@ -109,13 +112,24 @@ def test_cached_decoding_equals_the_full_forward(pos, kind, extra):
   """Rows prefill 1 and 3 target tokens, then step to 14 (past 2 × the 7-token source)."""
   extra = dict(extra)
   pointer = extra.pop('pointer', False)
-  cfg, tips = config(pos, kind, pointer, **extra)
+  check_cached_decoding(*config(pos, kind, pointer, **extra))
+
+
+def test_expected_monotonic_decoding_is_cached_like_the_full_forward():
+  """seq2seq.monotonic_decode='expected' decodes with the training alignments, cached too."""
+  cfg, tips = config('learned', 'monotonic')
+  check_cached_decoding(cfg, dataclasses.replace(tips, monotonic_decode='expected'))
+
+
+def check_cached_decoding(cfg, tips):
   params = random_params(cfg, tips)
   source, source_lengths, target = batch()
-  _, full = full_forward(cfg, tips)(params, source, source_lengths, target)
+  _, full = full_forward(cfg, tips, tips.monotonic_decode)(params, source, source_lengths, target)
   lengths = jnp.array([1, 3])
   steps = target.shape[1] - 3
-  stepper = EncoderDecoderStepper(cfg, tips, DecodeConfig(max_new_tokens=steps + 1), 3)
+  arch = arch_lib.EncoderDecoderArch(types.SimpleNamespace(model=cfg, seq2seq=tips))
+  stepper = arch.stepper(DecodeConfig(max_new_tokens=steps + 1), 3)    # decoding's mode
+  assert stepper.model.mode == tips.monotonic_decode
 
   @jax.jit
   def cached(params, source, source_lengths, target):
@@ -176,6 +190,23 @@ def test_hard_monotonic_attention_never_moves_backwards():
     index = np.where(a.sum(-1) > 0, a.argmax(-1), 10 ** 6)   # attending nothing: past the end
     assert np.all(np.diff(index, axis=-1) >= 0)
     assert np.all(a[1, :, :, 5:] == 0)                     # never the padding of a 5-token source
+
+
+def test_initial_monotonic_energies_can_reach_both_hard_decisions():
+  """Hard decoding follows training only where p_ij is near 0 or 1: at initialisation every
+  head's energy e = g vᵀ tanh(…)/‖v‖ + r must be able to reach σ(e) > 0.99 and < 0.01. Its range
+  over tanh ∈ [−1, 1]^A is r ± g‖v/‖v‖‖₁ (the start g = 1/√A, r = −1 kept p below 0.5 everywhere)."""
+  cfg, tips = config('learned', 'monotonic')
+  cfg = dataclasses.replace(cfg, d_model=64, num_heads=4)            # A = 16, as the quick preset
+  z = jnp.zeros((1, 4), jnp.int32)
+  import flax.linen as nn
+  params = nn.meta.unbox(
+      EncoderDecoder(cfg, tips).init(jax.random.key(0), z, z, z + 1, z, z, z + 1)['params'])
+  cross = params['decoder']['layer_0']['cross_attention']
+  v, g, r = (np.asarray(cross[k], np.float64) for k in ('energy_v', 'energy_gain', 'energy_r'))
+  reach = g * np.abs(v / np.linalg.norm(v, axis=-1, keepdims=True)).sum(-1)   # [H]
+  sigmoid = lambda e: 1 / (1 + np.exp(-e))
+  assert np.all(sigmoid(r + reach) > 0.99) and np.all(sigmoid(r - reach) < 0.01)
 
 
 def test_embeddings_shared_or_separate():

@@ -2,9 +2,10 @@
 
 Scheduled-sampling decays (Bengio et al. 2015 §2.4), the pointer-generator mixture (See et al.
 2017 eq. 8–9) and coverage loss (eq. 12), guided-attention weights (Tachibana et al. 2017 §4.1),
-monotonic attention's parallel form against its recurrence and hard decoding against Algorithm 1
-(Raffel et al. 2017), location features against a NumPy convolution (Chorowski et al. 2015), the
-self-critical gradient (Rennie et al. 2017 eq. 7), and sacrebleu BLEU on pairs scored by hand.
+monotonic attention's parallel form against its recurrence, hard decoding against Algorithm 1, and
+the two equal where every p is 0 or 1 (Raffel et al. 2017), location features against a NumPy
+convolution (Chorowski et al. 2015), the self-critical gradient (Rennie et al. 2017 eq. 7), and
+sacrebleu BLEU on pairs scored by hand.
 """
 
 import math
@@ -142,6 +143,25 @@ def test_hard_monotonic_attention_is_algorithm_1_and_never_moves_backwards():
       if want is not None:
         assert got[h, want] == 1 and want >= index[h]
       index[h] = want
+
+
+def test_hard_monotonic_attention_is_the_expected_alignment_when_p_is_saturated():
+  """With every p_ij at 0 or 1 (|e| large) the expected alignment of training (eq. 9) is the hard
+  one of decoding, step after step, in a packed row too: the two modes describe one process."""
+  rng = np.random.default_rng(5)
+  steps, heads, s = 10, 3, 9
+  energy = (np.where(rng.uniform(size=(steps, heads, s)) < 0.3, 1.0, -1.0)
+            * rng.uniform(15.0, 30.0, size=(steps, heads, s))).astype(np.float32)
+  visible = jnp.asarray((np.arange(s) >= 2)[None])         # positions 0-1: another example's
+  first = np.where(np.arange(s) == 2, 1.0, 0.0)[None].repeat(heads, 0)
+  hard, log_alpha = jnp.asarray(first, jnp.float32), jnp.asarray(np.log(first + 1e-30).clip(alignment.NEG))
+  attended = 0
+  for i in range(steps):
+    hard = alignment.monotonic_hard_step(hard, jnp.asarray(energy[i]), visible)
+    log_alpha = alignment.monotonic_expected_step(log_alpha, jnp.asarray(energy[i]), visible)
+    np.testing.assert_allclose(np.exp(np.asarray(log_alpha)), np.asarray(hard), atol=1e-5)
+    attended += int(np.asarray(hard).sum())
+  assert 0 < attended < steps * heads                      # both attending and running off the end
 
 
 def test_location_features_against_numpy_convolution():

@@ -83,10 +83,11 @@ class EncoderDecoderArch:
     return Scores(out.log_probs, batch['target_out'], mask, batch['weights'] * mask, out.attention,
                   out.p_gen)
 
-  def stepper(self, decode: DecodeConfig, prompt_len: int, *, mode: str = 'hard',
+  def stepper(self, decode: DecodeConfig, prompt_len: int, *, mode: str | None = None,
               deterministic: bool = True) -> EncoderDecoderStepper:
-    return EncoderDecoderStepper(self.cfg, self.tips, decode, prompt_len, mode=mode,
-                                 deterministic=deterministic)
+    """``mode`` None: decoding's, ``seq2seq.monotonic_decode`` (matters for monotonic attention)."""
+    return EncoderDecoderStepper(self.cfg, self.tips, decode, prompt_len,
+                                 mode=mode or self.tips.monotonic_decode, deterministic=deterministic)
 
   def prompt_width(self, source_len: int, prefix_len: int) -> int:
     return 1 + prefix_len
@@ -137,7 +138,7 @@ class DecoderArch:
     mask = batch['output'].astype(jnp.float32)
     return Scores(jax.nn.log_softmax(logits, axis=-1), batch['targets'], mask, batch['weights'] * mask)
 
-  def stepper(self, decode: DecodeConfig, prompt_len: int, *, mode: str = 'hard',
+  def stepper(self, decode: DecodeConfig, prompt_len: int, *, mode: str | None = None,
               deterministic: bool = True) -> engine.Stepper:
     del mode, deterministic
     return engine.Stepper(self.cfg, decode, prompt_len)

@@ -5,7 +5,8 @@
                 energies e_ij = wᵀ tanh(W s_i + V h_j + U f_ij + b) whose features f_i = F * α_{i−1}
                 convolve the head's previous alignment; α_i = softmax(e_i).
 * ``monotonic`` monotonic attention (Raffel et al. 2017), per head: p_ij = σ(e_ij) with the energy
-                e_ij = g vᵀ tanh(W s_i + V h_j + b) / ‖v‖ + r (eq. 16); expected alignments (plus
+                e_ij = g vᵀ tanh(W s_i + V h_j + b) / ‖v‖ + r (eq. 16), r and g initialised to
+                ``seq2seq.monotonic_bias`` and ``monotonic_gain``; expected alignments (plus
                 pre-sigmoid noise) in training, hard alignments when decoding.
 
 Values and the output projection are the multi-head ones of ``lcr.model.CrossAttention`` (whose
@@ -140,7 +141,7 @@ def _monotonic_align(module, x, memory_energy, visible, steps, carry):
   query = _additive_query(module, x)
   bias = _param(module, 'energy_bias', nn.initializers.zeros, (h, a))
   v = _param(module, 'energy_v', nn.initializers.normal(a ** -0.5), (h, a))
-  gain = _param(module, 'energy_gain', nn.initializers.constant(a ** -0.5), (h,))
+  gain = _param(module, 'energy_gain', nn.initializers.constant(tips.monotonic_gain), (h,))
   r = _param(module, 'energy_r', nn.initializers.constant(tips.monotonic_bias), (h,))
   # Raffel et al. 2017 eq. 16: g vᵀ tanh(W s + V h + b) / ‖v‖ + r, all steps at once.
   normed_v = gain[:, None] * v / jnp.linalg.norm(v, axis=-1, keepdims=True)

@@ -19,6 +19,7 @@ TRAININGS = ('teacher_forcing', 'scheduled_sampling', 'two_pass', 'parallel')
 DECAYS = ('linear', 'exponential', 'inverse_sigmoid')
 MIXES = ('argmax', 'sample', 'softmax')
 CROSS_ATTENTIONS = ('softmax', 'location', 'monotonic')
+MONOTONIC_DECODES = ('hard', 'expected')
 EVAL_DECODES = ('greedy', 'beam', 'sample')
 LETTERS = 26
 
@@ -108,7 +109,15 @@ class Seq2SeqConfig:
   location_filters: int = 8          # location: conv filters k over the previous alignment
   location_width: int = 9            # location: conv width r (odd, centred)
   monotonic_noise: float = 1.0       # monotonic: std of pre-sigmoid noise in training (§2.5)
-  monotonic_bias: float = -1.0       # monotonic: initial energy bias r
+  # monotonic: the initial r and g of eq. 16, e = g vᵀ tanh(…)/‖v‖ + r, which starts within
+  # r ± g‖v/‖v‖‖₁ (≤ r ± g√A): r = −4 as Raffel et al. 2017 initialise it; g large enough that
+  # both hard decisions (p near 0 and near 1) are in reach from the start. With g = 1/√A (e within
+  # r ± 1) the quick preset's p stayed between 0.1 and 0.9 and hard decoding failed (docs/seq2seq.md).
+  monotonic_bias: float = -4.0
+  monotonic_gain: float = 4.0
+  # monotonic: the alignments of decoding: 'hard' (Algorithm 1: online, linear time, the paper's
+  # test-time process) or 'expected' (eq. 9, as in training: a diagnostic of the gap between the two).
+  monotonic_decode: str = 'hard'
   # Guided attention loss (Tachibana et al. 2017 §4.1) on every cross-attention map: weight λ
   # (0 = off) and the width g of W_nt = 1 − exp(−(n/N − t/T)² / 2g²).
   guided_weight: float = 0.0
@@ -121,6 +130,7 @@ class Seq2SeqConfig:
     check_choice('seq2seq.ss_decay', self.ss_decay, DECAYS)
     check_choice('seq2seq.ss_mix', self.ss_mix, MIXES)
     check_choice('seq2seq.cross_attention', self.cross_attention, CROSS_ATTENTIONS)
+    check_choice('seq2seq.monotonic_decode', self.monotonic_decode, MONOTONIC_DECODES)
     self._check_schedule()
     if self.ss_mix == 'softmax' and self.training == 'scheduled_sampling':
       fail('seq2seq.ss_mix', self.ss_mix, "scheduled_sampling feeds tokens step by step: use "
@@ -134,6 +144,7 @@ class Seq2SeqConfig:
       fail('seq2seq.coverage_weight', self.coverage_weight,
            'the coverage loss is on the copy attention: needs seq2seq.pointer=True')
     check_positive('seq2seq.guided_g', self.guided_g)
+    check_positive('seq2seq.monotonic_gain', self.monotonic_gain)
     check_positive('seq2seq.location_filters', self.location_filters)
     if self.location_width < 1 or self.location_width % 2 == 0:
       fail('seq2seq.location_width', self.location_width, 'must be odd and >= 1 (a centred conv)')
