@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import glob
 import importlib.util
 import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -149,3 +151,13 @@ def global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) ->
     shape = (v.shape[0] * jax.process_count(),) + v.shape[1:]
     return jax.make_array_from_process_local_data(sharding, v, shape)
   return {k: make(v) for k, v in local_batch.items()}
+
+
+def under_rules(fn: Callable, mesh: Mesh, cfg: MeshConfig) -> Callable:
+  """``fn`` traced with ``mesh`` and ``cfg.active_rules`` in scope, so that the model's activation
+  constraints (``nn.with_logical_constraint``) become sharding constraints of the compiled step."""
+  @functools.wraps(fn)
+  def traced(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(cfg.active_rules):
+      return fn(*args)
+  return traced

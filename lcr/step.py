@@ -162,17 +162,6 @@ def make_eval_step(model: TransformerLM):
   return eval_step
 
 
-def _under_axis_rules(fn: Callable, mesh: Mesh, config: Config) -> Callable:
-  """``fn`` traced with the mesh and config.mesh.rules in scope, so that the model's activation
-  constraints (``nn.with_logical_constraint``) become sharding constraints."""
-  @functools.wraps(fn)
-  def traced(*args):
-    with (jax.sharding.use_abstract_mesh(mesh.abstract_mesh),
-          nn.logical_axis_rules(config.mesh.active_rules)):
-      return fn(*args)
-  return traced
-
-
 def _carried_memory(config: Config, mesh: Mesh) -> tuple[TransformerLM | None, Any, Any]:
   """(the stateful model, its abstract state, the state's shardings) when data.contiguous carries
   a recurrent state across steps (lcr.mixers.carry); (None, None, None) otherwise."""
@@ -216,11 +205,11 @@ def make_trainer(config: Config, mesh: Mesh | None = None) -> Trainer:
                       peft.stop_frozen_gradients(config.peft)), cp)
   eval_step = context_parallel.balanced(make_eval_step(model), cp)
   options = CPU_COMPILER_OPTIONS if mesh.devices.flat[0].platform == 'cpu' else None
-  train_step = jax.jit(_under_axis_rules(train_step, mesh, config),
+  train_step = jax.jit(sharding.under_rules(train_step, mesh, config.mesh),
                        in_shardings=(state_sharding, batch_sharding),
                        out_shardings=(state_sharding, metric_sharding), donate_argnums=0,
                        compiler_options=options)
-  eval_step = jax.jit(_under_axis_rules(eval_step, mesh, config), in_shardings=(p_shardings, batch_sharding),
+  eval_step = jax.jit(sharding.under_rules(eval_step, mesh, config.mesh), in_shardings=(p_shardings, batch_sharding),
                       out_shardings=metric_sharding, compiler_options=options)
   init = jax.jit(functools.partial(_init_state, model, tx, config.train.seq_len, memory=memory),
                  out_shardings=state_sharding)

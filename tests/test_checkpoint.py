@@ -109,6 +109,22 @@ def test_resuming_with_another_model_is_refused(reference, config, tmp_path):
   assert (workdir / 'metrics.jsonl').read_text() == before
 
 
+
+@pytest.mark.parametrize('field, saved, resumed', [
+    ('peft.rank', dict(peft=dict(method='lora', rank=8)), dict(peft=dict(method='lora', rank=4))),
+    ('peft.method', dict(peft=dict(method='lora')), dict(peft=dict(method='adapter'))),
+    ('model.moe.top_k', dict(model=dict(ffn='moe', moe=dict(top_k=2))),
+     dict(model=dict(ffn='moe', moe=dict(top_k=1, renormalize=False)))),
+])
+def test_resuming_needs_the_same_peft_and_nested_model_fields(field, saved, resumed):
+  """A LoRA run resumed with another rank or method, or an MoE run with another top_k, would load
+  parameters of another shape or meaning: refused, naming the field."""
+  from lcr.config import from_config_dict
+  old, new = (from_config_dict({**c, 'data': {}}) for c in (saved, resumed))
+  with pytest.raises(checkpoint.CheckpointError, match=field.replace('.', r'\.')):
+    checkpoint.check_compatible(old, new, 'runs/x')
+  checkpoint.check_compatible(old, old, 'runs/x')
+
 def test_load_params_gives_the_trained_model(reference):
   """An invariant: the loaded parameters give the validation loss the run logged."""
   params, config = checkpoint.load_params(str(reference))

@@ -19,7 +19,6 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -272,11 +271,8 @@ def compiled(fn: Callable, mesh: jax.sharding.Mesh | None, mesh_cfg: MeshConfig 
   rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(batch.spec[0]))
   params_sharding = param_shardings(model_cfg, mesh, mesh_cfg)
 
-  def traced(params, prompt, lengths):
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(mesh_cfg.active_rules):
-      return fn(params, prompt, lengths)
-
-  jitted = jax.jit(traced, in_shardings=(params_sharding, batch, rows))
+  jitted = jax.jit(sharding.under_rules(fn, mesh, mesh_cfg),
+                   in_shardings=(params_sharding, batch, rows))
 
   def call(params, prompt, lengths):
     dp = sharding.data_parallel_size(mesh, mesh_cfg)

@@ -46,12 +46,7 @@ class Setup:
   batch_sharding: Any
 
   def under_rules(self, fn: Callable) -> Callable:
-    @functools.wraps(fn)
-    def traced(*args):
-      with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh), \
-          nn.logical_axis_rules(self.config.mesh.active_rules):
-        return fn(*args)
-    return traced
+    return sharding.under_rules(fn, self.mesh, self.config.mesh)
 
   def _state(self, rng) -> TrainState:
     params = nn.meta.unbox(self.arch.init(rng))
