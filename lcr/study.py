@@ -43,6 +43,17 @@ class StudyError(Exception):
   """A variant's worker process failed; the message names it and its log."""
 
 
+def check_variant_names(variants: Sequence[str]) -> None:
+  """study.variants: distinct names that can serve as directory names."""
+  if not variants or len(set(variants)) != len(variants):
+    raise ConfigError(f'config field study.variants={tuple(variants)!r} is invalid: expected '
+                      'distinct variant names')
+  for v in variants:
+    if not re.fullmatch(r'[A-Za-z0-9_.-]+', v):
+      raise ConfigError(f'config field study.variants has {v!r}: names are directory names '
+                        '(letters, digits, _ . -)')
+
+
 @dataclasses.dataclass(frozen=True)
 class Study:
   """The ``study`` section of an extrapolation config."""
@@ -56,13 +67,7 @@ class Study:
   extend: Mapping[str, Any] = dataclasses.field(default_factory=dict)   # lcr.extend.ExtendSpec
 
   def __post_init__(self):
-    if not self.variants or len(set(self.variants)) != len(self.variants):
-      raise ConfigError(f'config field study.variants={self.variants!r} is invalid: expected '
-                        'distinct variant names')
-    for v in self.variants:
-      if not re.fullmatch(r'[A-Za-z0-9_.-]+', v):
-        raise ConfigError(f'config field study.variants has {v!r}: names are directory names '
-                          '(letters, digits, _ . -)')
+    check_variant_names(self.variants)
     from lcr.data import config as data_config   # the data room imports lcr.config: import lazily
     unknown = sorted(set(self.overrides) - set(self.variants) - set(data_config.TASKS))
     if unknown:

@@ -20,7 +20,6 @@ import copy
 import dataclasses
 import json
 import os
-import re
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -48,13 +47,7 @@ class Study:
   parallel: int = 1
 
   def __post_init__(self):
-    if not self.variants or len(set(self.variants)) != len(self.variants):
-      raise ConfigError(f'config field study.variants={self.variants!r} is invalid: expected '
-                        'distinct variant names')
-    for v in self.variants:
-      if not re.fullmatch(r'[A-Za-z0-9_.-]+', v):
-        raise ConfigError(f'config field study.variants has {v!r}: names are directory names '
-                          '(letters, digits, _ . -)')
+    lm_study.check_variant_names(self.variants)
     if self.parallel < 1:
       raise ConfigError(f'config field study.parallel={self.parallel} is invalid: must be >= 1')
 
