@@ -170,3 +170,13 @@ def test_worker_processes_run_each_variant_pinned_and_report_failures(tmp_path):
     assert out.startswith('1') and out.endswith(study.SINGLE_THREAD_XLA_FLAGS)   # one core each
   with pytest.raises(study.StudyError, match=r"\['bad'\] failed.*bad.log"):
     study.run_parallel([sys.executable, '-c', code], ['d', 'bad'], str(tmp_path), 2)
+
+
+@pytest.mark.parametrize('variants, message', [((), 'distinct variant names'),
+                                               (('rope', 'rope'), 'distinct variant names'),
+                                               (('rope', 'a/b'), 'directory names')])
+def test_variant_names_are_distinct_directory_names(variants, message):
+  """Both studies (lcr.study, lcr.seq2seq.study) name a model directory after each variant."""
+  with pytest.raises(ConfigError, match=f'study.variants.*{message}'):
+    study.check_variant_names(variants)
+  study.check_variant_names(('rope', 'alibi-2', 'x.y_z'))
