@@ -69,10 +69,11 @@ class Study:
   def __post_init__(self):
     check_variant_names(self.variants)
     from lcr.data import config as data_config   # the data room imports lcr.config: import lazily
-    unknown = sorted(set(self.overrides) - set(self.variants) - set(data_config.TASKS))
+    models = {job.name for job in self.jobs()}
+    unknown = sorted(set(self.overrides) - set(self.variants) - set(data_config.TASKS) - models)
     if unknown:
       raise ConfigError(f'config field study.overrides names {unknown}, not in study.variants '
-                        f'(nor a task of {data_config.TASKS})')
+                        f'(nor a task of {data_config.TASKS}, nor a model: {sorted(models)})')
     if self.parallel < 1:
       raise ConfigError(f'config field study.parallel={self.parallel} is invalid: must be >= 1')
     if not 0.0 <= self.passkey_mix < 1.0:
@@ -138,7 +139,8 @@ def passkey_lengths(config: Config) -> tuple[int, ...]:
 def variant_config(values: Mapping[str, Any], study: Study, variant: str,
                    task: str | None = None) -> Config:
   """The run config of one variant: model.pos = the variant's name unless its overrides set it;
-  data.task = ``task`` when given. ``study.overrides`` of the task, then of the variant, apply.
+  data.task = ``task`` when given. ``study.overrides`` of the task, then of the variant, then of
+  the model (``'<task>-<variant>'``, e.g. ``'mqar-xl'``) apply: the most specific wins.
 
   A learned table is sized to the longest evaluation length; its rows past L get no gradient, and
   ``eval.learned_positions`` (recorded in every row) says whether evaluation clamps positions to
@@ -147,7 +149,10 @@ def variant_config(values: Mapping[str, Any], study: Study, variant: str,
   merged = _merge(copy.deepcopy(dict(values)), {'model': {'pos': variant}})
   if task is not None:
     merged = _merge(_merge(merged, {'data': {'task': task}}), study.overrides.get(task, {}))
-  config = from_config_dict(_merge(merged, study.overrides.get(variant, {})))
+  merged = _merge(merged, study.overrides.get(variant, {}))
+  if task is not None:
+    merged = _merge(merged, study.overrides.get(Job(variant, task).name, {}))
+  config = from_config_dict(merged)
   if config.model.pos == 'learned':
     longest = max((config.train.seq_len, *config.eval.eval_lengths(config.train.seq_len),
                    *passkey_lengths(config)))
@@ -352,12 +357,14 @@ def run_parallel(argv: Sequence[str], variants: Sequence[str], workdir: str, par
 
 
 def _longest_first(values: Mapping[str, Any], study: Study) -> list[str]:
-  """Job names by decreasing number of evaluations (RoPE, with its scalings, first), so the
-  longest job does not start last and leave a core idle."""
-  def tasks(job):
+  """Job names by decreasing number of evaluations (RoPE, with its scalings, first), then in the
+  order of study.variants with every task of a variant together, so the longest jobs (those the
+  preset lists first) do not start last and leave a core idle."""
+  def cost(job):
     config = variant_config(values, study, job.variant, job.task)
-    return len(evaluate.plan_tasks(config.model, config.eval, config.train.seq_len))
-  return [job.name for job in sorted(study.jobs(), key=tasks, reverse=True)]
+    evaluations = len(evaluate.plan_tasks(config.model, config.eval, config.train.seq_len))
+    return -evaluations, study.variants.index(job.variant)
+  return [job.name for job in sorted(study.jobs(), key=cost)]
 
 
 def _run_in_process(values: Mapping[str, Any], study: Study, workdir: str) -> None:

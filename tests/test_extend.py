@@ -128,6 +128,33 @@ def test_study_overrides_of_a_task_apply_to_its_models(tmp_path):
     study.split_config(config)
 
 
+def test_study_overrides_of_a_model_apply_last():
+  """'<task>-<variant>' names one model: it overrides its task's and its variant's settings."""
+  values, spec = study.split_config(presets.get_config('directions'))
+  runs = {job.name: study.variant_config(values, spec, job.variant, job.task) for job in spec.jobs()}
+  assert len(runs) == 14
+  for memory in ('xl', 'infini'):
+    lm, mqar = runs[f'lm-{memory}'], runs[f'mqar-{memory}']
+    assert lm.model.memory == mqar.model.memory == memory
+    assert (lm.data.contiguous, lm.data.shuffle, lm.data.task) == (True, False, 'lm')
+    assert (mqar.data.contiguous, mqar.data.shuffle, mqar.data.task) == (False, True, 'mqar')
+  mqar_train = {(c.train.steps, c.train.lr, c.train.min_lr_ratio)
+                for n, c in runs.items() if n.startswith('mqar')}
+  assert mqar_train == {(500, 1e-3, 1.0)}
+  assert {c.train.steps for n, c in runs.items() if n.startswith('lm')} == {300}
+  assert runs['mqar-ssm'].model.mixer == 'ssm' and runs['mqar-rope'].model.pos == 'rope'
+  config = presets.get_config('directions')
+  config.study.overrides['mqar-gru'] = {}
+  with pytest.raises(ConfigError, match=r"study.overrides names \['mqar-gru'\]"):
+    study.split_config(config)
+
+
+def test_a_contiguous_stream_of_task_examples_is_refused():
+  from lcr.data.config import DataConfig
+  with pytest.raises(ConfigError, match=r"data.contiguous.*data.task='mqar'"):
+    DataConfig(task='mqar', contiguous=True, shuffle=False)
+
+
 @pytest.mark.parametrize('extend, message', [
     ({'scalings': 'dynamic_ntk'}, 'study.extend.scalings'),
     ({'methods': 'prefix'}, 'study.extend.methods'),

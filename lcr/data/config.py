@@ -82,6 +82,9 @@ class DataConfig:
       if getattr(self, field) < 0:
         fail(f'data.{field}', getattr(self, field), 'must be >= 0')
     check_choice('data.task', self.task, TASKS)
+    if self.contiguous and self.task != 'lm':
+      fail('data.contiguous', self.contiguous, f'continues a language-modelling stream from step to '
+           f'step; data.task={self.task!r} makes independent examples: use data.contiguous=False')
     check_positive('data.mqar_pairs', self.mqar_pairs)
     if self.mqar_vocab < self.mqar_pairs:
       fail('data.mqar_vocab', self.mqar_vocab,
