@@ -69,8 +69,10 @@ class LM(nn.Module):
     return self.norm(x) @ self.embed.weight.T
 
 
-def throughput(name: str, steps: int, repeats: int, skip_attention: bool = False) -> tuple[float, int]:
+def throughput(name: str, steps: int, repeats: int, skip_attention: bool = False,
+               batch_size: int = 0) -> tuple[float, int]:
   layers, d, heads, t, b = MODELS[name]
+  b = batch_size or b
   torch.manual_seed(0)
   model = LM(layers, d, heads, t, skip_attention)
   opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
@@ -103,13 +105,14 @@ def main():
   parser.add_argument('--skip_attention', action='store_true',
                       help='also time the step with attention replaced by q + k + v')
   parser.add_argument('--repeats', type=int, default=3, help='timed runs per config; the best is kept')
+  parser.add_argument('--batch_size', type=int, default=0, help="rows per step (0: the model's)")
   args = parser.parse_args()
   print(f'torch {torch.__version__}, {torch.get_num_threads()} threads')
   print(f'{"cfg":<4}{"attn":>8}{"params":>11}{"tokens/s":>10}{"GFLOP/s":>9}')
   rows = []
   for name in args.configs.split(','):
     for skip in (False, True) if args.skip_attention else (False,):
-      tps, n = throughput(name, args.steps, args.repeats, skip)
+      tps, n = throughput(name, args.steps, args.repeats, skip, args.batch_size)
       layers, d, _, t, _ = MODELS[name]
       flops = (6.0 * n + 6.0 * layers * t * d) * tps
       attention = 'skipped' if skip else 'sdpa'

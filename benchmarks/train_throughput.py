@@ -6,6 +6,7 @@
     python benchmarks/train_throughput.py --compare_layouts   # also without lcr.matmul_layout
     python benchmarks/train_throughput.py --skip_attention    # also with attention replaced by q+k+v
     python benchmarks/train_throughput.py --attention_backends=cpu_flash,xla   # one run per backend
+    python benchmarks/train_throughput.py --configs=a --batch_size=1            # other batch sizes
 
 Prints a table and one JSON object per run: tokens/s, FLOP/s counted as 6·N + 6·L·T·D per token
 (N parameters, L layers, T sequence length, D width), and that as a fraction of this machine's
@@ -57,6 +58,8 @@ _BACKENDS = flags.DEFINE_list('attention_backends', ['auto'], 'model.attention_b
                               'timed run (auto: cpu_flash on a CPU with a C++ compiler)')
 _SKIP = flags.DEFINE_bool('skip_attention', False, 'also time the step with softmax attention '
                           'replaced by q + k + v (all projections kept): what the rest of the step costs')
+_BATCH = flags.DEFINE_integer('batch_size', 0, 'rows per step instead of the model\'s (0: the '
+                              'model\'s): fixed per-step costs against per-row ones')
 _FACTORS = flags.DEFINE_list('capacity_factors', ['1.25'], 'moe.capacity_factor of each MoE run '
                              '(0 = dropless)')
 
@@ -179,6 +182,8 @@ def main(argv):
     factors = [float(f) for f in _FACTORS.value] if name in MOE_MODELS else [None]
     for (model_layout, skip_attention, backend), cf in itertools.product(variants, factors):
       cfg = model_config(name, backend, cf if cf is not None else 1.25)
+      if _BATCH.value:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=_BATCH.value))
       peak = matmul_peak()   # measured next to each run: a busy machine lowers both alike
       tps, n, first = throughput(cfg, _STEPS.value, _REPEATS.value, model_layout, skip_attention)
       flops = metrics.flops_per_token(cfg.model, n, cfg.train.seq_len) * tps
