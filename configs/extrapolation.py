@@ -161,8 +161,8 @@ def smoke_phases() -> ml_collections.ConfigDict:
 # independent rows: the memories train on them shuffled, with no state carried between steps.
 CONTIGUOUS = {'data': {'contiguous': True, 'shuffle': False}}
 INDEPENDENT_ROWS = {'data': {'contiguous': False, 'shuffle': True}}
-# MQAR at quick's width: at lr 2e-3 or 3e-3 RoPE stays at chance for 1,000 steps; at a constant
-# 1e-3 it recalls after ~450 (an induction head forms abruptly, as in the retrieval preset).
+# MQAR at quick's width: RoPE stays at chance at lr 2e-3 (400 steps), 3e-3 (1,000 steps) and
+# 5e-3; at a constant 1e-3 it recalls after ~450 (abruptly, as in the retrieval preset).
 MQAR_TRAIN = {'steps': 500, 'lr': 1e-3, 'min_lr_ratio': 1.0}
 DIRECTIONS = {
     'xl': {'model': {'pos': 'rope', 'memory': 'xl', 'segment_length': 64, 'memory_length': 64},
