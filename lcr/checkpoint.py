@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sys
 import time
@@ -111,6 +112,7 @@ def _restore_or_explain(manager: ocp.CheckpointManager, step: int, args: ocp.arg
       restored = manager.restore(step, args=args)
       _check_shapes(restored[STATE], abstract_state)
     except Exception as err:  # orbax/tensorstore raise many types for damaged files
+      drop_orphaned_read_reports()
       time.sleep(0.5)   # let the other in-flight reads report while their reports are dropped
       earlier = [s for s in manager.all_steps() if s < step]
       raise _corrupt(path, err, max(earlier) if earlier else None) from err
@@ -136,6 +138,26 @@ def _quiet_closed_loop_reports():
     yield
   finally:
     sys.unraisablehook = previous
+
+
+class _OrphanedReadFilter(logging.Filter):
+  """Drops asyncio's 'Task exception was never retrieved' for orbax's array reads."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    text = record.getMessage()
+    return not ('exception was never retrieved' in text and 'async_deserialize' in text)
+
+
+def drop_orphaned_read_reports() -> None:
+  """After a failed restore, keeps asyncio quiet about the reads it left behind.
+
+  The other reads of a failed restore fail too, and nobody awaits them: asyncio reports each with
+  a traceback when its task is collected, often at exit, after the one-line error. The filter stays
+  on the 'asyncio' logger from then on (the process is ending, or has given up on this restore).
+  """
+  asyncio_logger = logging.getLogger('asyncio')
+  if not any(isinstance(f, _OrphanedReadFilter) for f in asyncio_logger.filters):
+    asyncio_logger.addFilter(_OrphanedReadFilter())
 
 
 def _check_shapes(restored: Any, abstract: Any) -> None:
