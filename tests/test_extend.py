@@ -53,6 +53,35 @@ def test_every_task_trains_its_own_model_and_writes_its_rows(phases):
   assert {'recall.png', 'extension.png', 'summary.md'} <= set(written)
 
 
+def test_directions_report_joins_each_variants_language_model_and_recall(phases, tmp_path):
+  """experiments/directions_report.py on a study with tasks: perplexity from models/lm-<variant>'s
+  rows, MQAR recall (RoPE scaling 'none') averaged over depths, by length."""
+  import json
+  import subprocess
+  workdir = str(tmp_path / 'study')
+  shutil.copytree(phases[0], workdir, ignore=shutil.ignore_patterns('extend', 'mqar-rope'))
+  # Recall rows whose two scores differ from row to row (a 3-step model recalls nothing).
+  rows = _rows(workdir, results.RECALL)
+  for i, r in enumerate(rows):
+    r.update(accuracy=i / 16, answer_accuracy=0.5 + i / 32)
+  os.remove(os.path.join(workdir, results.RECALL))
+  results.append_rows(os.path.join(workdir, results.RECALL), rows)
+  out = subprocess.run([sys.executable, os.path.join(REPO, 'experiments/directions_report.py'),
+                        f'--workdir={workdir}'], capture_output=True, text=True, check=True).stdout
+  (row,) = [json.loads(line) for line in out.splitlines() if line.startswith('{')]
+  ppl = {r['eval_len']: r['ppl'] for r in _rows(workdir, results.RESULTS)
+         if r['protocol'] == 'nonoverlapping' and r['rope_scaling'] == 'none'}
+  assert (row['variant'], row['model'], row['train_len'], row['ppl_1L']) == (
+      'rope', 'attention, rope', 48, ppl[48])
+  recall = [r for r in _rows(workdir, results.RECALL) if r['rope_scaling'] == 'none']
+  for length in (48, 96):
+    at = [r for r in recall if r['eval_len'] == length]
+    assert row['mqar'][str(length)] == pytest.approx({
+        'accuracy': sum(r['accuracy'] for r in at) / len(at),
+        'answers': sum(r['answer_accuracy'] for r in at) / len(at)})
+  assert '| MQAR 48 (answers) | MQAR 96 (answers) |' in out
+
+
 def test_extension_rows_carry_the_fine_tune(phases):
   workdir, _, _ = phases
   rows = _rows(workdir, results.EXTENSION)
@@ -143,6 +172,8 @@ def test_study_overrides_of_a_model_apply_last():
   assert mqar_train == {(500, 1e-3, 1.0)}
   assert {c.train.steps for n, c in runs.items() if n.startswith('lm')} == {300}
   assert runs['mqar-ssm'].model.mixer == 'ssm' and runs['mqar-rope'].model.pos == 'rope'
+  # Both of the slowest variant's models start first, one per worker.
+  assert study._longest_first(values, spec)[:2] == ['lm-ssm', 'mqar-ssm']
   config = presets.get_config('directions')
   config.study.overrides['mqar-gru'] = {}
   with pytest.raises(ConfigError, match=r"study.overrides names \['mqar-gru'\]"):
