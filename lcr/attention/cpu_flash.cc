@@ -15,9 +15,13 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -138,18 +142,39 @@ int64_t usable_cores() {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
-// Runs body(item) for item in [0, count) on the usable cores.
+// Items of one parallel_for, shared with the helper tasks (which may start after it returns).
+struct Work {
+  explicit Work(int64_t count, std::function<void(int64_t)> body)
+      : count(count), body(std::move(body)) {}
+  const int64_t count;
+  const std::function<void(int64_t)> body;   // called only for claimed items, before the wait ends
+  std::atomic<int64_t> next{0}, done{0};
+  std::mutex mutex;
+  std::condition_variable finished;
+
+  void run() {   // claim items until none is left
+    int64_t ran = 0;
+    for (int64_t item; (item = next.fetch_add(1)) < count; ++ran) body(item);
+    if (ran && done.fetch_add(ran) + ran == count) {
+      std::lock_guard<std::mutex> lock(mutex);
+      finished.notify_all();
+    }
+  }
+};
+
+// Runs body(item) for item in [0, count) on the calling thread and on XLA's intra-op thread pool
+// (the threads that run the rest of the step), so the kernel never adds threads of its own that
+// would compete for the cores with XLA's: a helper that starts late finds nothing left to do, and
+// the caller waits only for items already claimed.
 template <typename Body>
-void parallel_for(int64_t count, const Body& body) {
-  const int64_t threads = std::min<int64_t>(count, usable_cores());
-  std::atomic<int64_t> next{0};
-  auto run = [&] {
-    for (int64_t item; (item = next.fetch_add(1)) < count;) body(item);
-  };
-  std::vector<std::thread> pool;
-  for (int64_t i = 1; i < threads; ++i) pool.emplace_back(run);
-  run();
-  for (auto& t : pool) t.join();
+void parallel_for(ffi::ThreadPool& pool, int64_t count, const Body& body) {
+  const int64_t helpers =
+      std::min<int64_t>({count, usable_cores(), std::max<int64_t>(1, pool.num_threads())}) - 1;
+  auto work = std::make_shared<Work>(count, [&body](int64_t item) { body(item); });
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->run(); });
+  work->run();
+  std::unique_lock<std::mutex> lock(work->mutex);
+  work->finished.wait(lock, [&] { return work->done.load() == count; });
 }
 
 struct Shape {
@@ -399,11 +424,11 @@ ffi::Error check(const Shape& sh) {
 
 ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                    ffi::Buffer<ffi::PRED> visible, float scale, ffi::ResultBuffer<ffi::F32> o,
-                   ffi::ResultBuffer<ffi::F32> lse) {
+                   ffi::ResultBuffer<ffi::F32> lse, ffi::ThreadPool pool) {
   const Shape sh = shape_of(q, k);
   if (ffi::Error e = check(sh); e.failure()) return e;
   const auto* mask = reinterpret_cast<const uint8_t*>(visible.typed_data());
-  parallel_for(sh.batch * sh.heads, [&](int64_t item) {
+  parallel_for(pool, sh.batch * sh.heads, [&](int64_t item) {
     forward_head(sh, q.typed_data(), k.typed_data(), v.typed_data(), mask, scale,
                  o->typed_data(), lse->typed_data(), item);
   });
@@ -414,11 +439,11 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffe
                     ffi::Buffer<ffi::PRED> visible, ffi::Buffer<ffi::F32> o,
                     ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> d_o, float scale,
                     ffi::ResultBuffer<ffi::F32> d_q, ffi::ResultBuffer<ffi::F32> d_k,
-                    ffi::ResultBuffer<ffi::F32> d_v) {
+                    ffi::ResultBuffer<ffi::F32> d_v, ffi::ThreadPool pool) {
   const Shape sh = shape_of(q, k);
   if (ffi::Error e = check(sh); e.failure()) return e;
   const auto* mask = reinterpret_cast<const uint8_t*>(visible.typed_data());
-  parallel_for(sh.batch * sh.kv_heads, [&](int64_t item) {
+  parallel_for(pool, sh.batch * sh.kv_heads, [&](int64_t item) {
     backward_head(sh, q.typed_data(), k.typed_data(), v.typed_data(), mask,
                   o.typed_data(), lse.typed_data(), d_o.typed_data(), scale, d_q->typed_data(),
                   d_k->typed_data(), d_v->typed_data(), item);
@@ -436,7 +461,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LcrFlashForward, Forward,
                                   .Arg<ffi::Buffer<ffi::PRED>>()   // visible [B, T, S]
                                   .Attr<float>("scale")
                                   .Ret<ffi::Buffer<ffi::F32>>()    // o [B, T, H, D]
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // lse [B, H, T]
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // lse [B, H, T]
+                                  .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LcrFlashBackward, Backward,
                               ffi::Ffi::Bind()
@@ -450,4 +476,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LcrFlashBackward, Backward,
                                   .Attr<float>("scale")
                                   .Ret<ffi::Buffer<ffi::F32>>()    // dQ
                                   .Ret<ffi::Buffer<ffi::F32>>()    // dK
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // dV
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // dV
+                                  .Ctx<ffi::ThreadPool>());
