@@ -10,11 +10,10 @@ page: ~9,000 faults a step for model a, ~89,000 for b, a sixth of a's step on tw
 :func:`retain_freed_memory` sets glibc's malloc to serve every thread from the main arena (which
 grows with ``brk`` without that 64 MB limit), never to ``mmap`` a request, and to give free memory
 at the top of the heap back to the kernel only past 2 GiB, so a step reuses the pages of the one
-before it. The cost is
-that the process keeps its peak heap for reuse rather than returning it. It must run before XLA
-starts its threads (their first ``malloc`` picks their arena), so ``import lcr`` runs it;
-``LCR_RETAIN_HOST_MEMORY=0`` in the environment turns it off. Elsewhere than glibc it does
-nothing (other allocators cache large blocks their own way).
+before it. The cost is that the process keeps its peak heap for reuse rather than returning it.
+It must run before XLA starts its threads (their first ``malloc`` picks their arena), so
+``import lcr`` runs it; ``LCR_RETAIN_HOST_MEMORY=0`` in the environment turns it off. Elsewhere
+than glibc it does nothing (other allocators cache large blocks their own way).
 """
 
 from __future__ import annotations
