@@ -1,14 +1,13 @@
 """The ``cpu_flash`` backend: FlashAttention-2 tiling in a C++ kernel for CPUs, via ``jax.ffi``.
 
-``cpu_flash.cc`` computes attention in 64×64 tiles with an online softmax (Dao 2023, Alg. 1) and
-its backward pass from the row log-sum-exp (Alg. 2), reading q/k/v in the model's [B, T, H, D]
-layout; which keys a query sees comes in as the [B, T, S] bool mask of :class:`MaskSpec`, and
-tiles with no visible pair are skipped. Work is split over XLA's own intra-op thread pool (the
-calling thread and the pool's other threads, at most one per core the caller may run on: query
-heads in the forward pass, key/value heads in the backward pass), so the kernel starts no
-threads of its own. It is compiled with
-the system C++ compiler (``$CXX``, else ``g++``/``c++``) the first time it is needed, into a cache
-keyed by the source, the flags, jax's version and the CPU (``$LCR_CACHE_DIR``, default
+``cpu_flash.cc`` computes attention in 64×64 tiles with an online softmax (Dao 2023, Alg. 1) and its
+backward pass from the row log-sum-exp (Alg. 2), reading q/k/v in the model's [B, T, H, D] layout;
+which keys a query sees comes in as the [B, T, S] bool mask of :class:`MaskSpec`, and tiles with no
+visible pair are skipped. Work is split over XLA's own intra-op thread pool (the calling thread and
+the pool's other threads, at most one per core the caller may run on: query heads in the forward
+pass, key/value heads in the backward pass), so the kernel starts no threads of its own. It is
+compiled with the system C++ compiler (``$CXX``, else ``g++``/``c++``) the first time it is needed,
+into a cache keyed by the source, the flags, jax's version and the CPU (``$LCR_CACHE_DIR``, default
 ``~/.cache/lcr``), and registered with XLA as two FFI targets. float32, no logit bias, head_dim a
 multiple of 16. Without a compiler the backend reports itself unavailable and ``auto`` uses ``xla``.
 """
