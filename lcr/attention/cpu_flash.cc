@@ -18,8 +18,10 @@
 #include <condition_variable>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <initializer_list>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -159,6 +161,48 @@ int64_t usable_cores() {
 #endif
   return std::max(1u, std::thread::hardware_concurrency());
 }
+
+// `count` elements of a thread's scratch memory (below).
+template <typename T>
+struct Span {
+  T* ptr;
+  int64_t count;
+  T* data() const { return ptr; }
+  T* begin() const { return ptr; }
+  T* end() const { return ptr + count; }
+  T& operator[](int64_t i) const { return ptr[i]; }
+};
+
+// Working memory of the calling thread, kept from call to call (XLA's pool threads live as long as
+// the process), so a warm call allocates nothing: with lcr.host_memory's single malloc arena, the
+// buffers each item used to allocate contended for the arena's lock with XLA's own threads. Declare
+// every buffer's size up front, then take() them in that order; contents start undefined.
+class Scratch {
+ public:
+  explicit Scratch(std::initializer_list<int64_t> sizes_in_bytes) {
+    int64_t vectors = 0;
+    for (int64_t bytes : sizes_in_bytes) vectors += vectors_for(bytes);
+    std::vector<v16>& memory = thread_memory();
+    if (static_cast<int64_t>(memory.size()) < vectors) memory.resize(vectors);
+    next_ = memory.data();
+    end_ = next_ + vectors;
+  }
+  template <typename T>
+  Span<T> take(int64_t count) {
+    T* ptr = reinterpret_cast<T*>(next_);
+    next_ += vectors_for(count * static_cast<int64_t>(sizeof(T)));
+    if (next_ > end_) std::abort();   // a take() the constructor was not told of
+    return Span<T>{ptr, count};
+  }
+
+ private:
+  static int64_t vectors_for(int64_t bytes) { return (bytes + sizeof(v16) - 1) / sizeof(v16); }
+  static std::vector<v16>& thread_memory() {
+    thread_local std::vector<v16> memory;
+    return memory;
+  }
+  v16 *next_, *end_;
+};
 
 // Items of one parallel_for, shared with the helper tasks (which may start after it returns).
 struct Work {
@@ -311,9 +355,14 @@ void forward_head(const Shape& sh, const float* q, const float* k, const float* 
   const float *q_bh = q + sh.q_at(b, 0, h), *v_bg = v + sh.kv_at(b, 0, g);
   const uint8_t* vis_b = visible + b * sh.q_len * sh.kv_len;
   const uint8_t* tiles_b = tiles + b * sh.q_tiles() * nk;
-  std::vector<float> kt(nk * d * kTile), q_pad(kTile * d), v_pad(kTile * d), s(kTile * kTile),
-      acc(kTile * d), m(kTile), l(kTile);
-  std::vector<uint8_t> mask_pad(kTile * kTile);
+  constexpr int64_t f = sizeof(float), tile = kTile * kTile;
+  Scratch scratch({nk * d * kTile * f, kTile * d * f, kTile * d * f, kTile * d * f, tile * f,
+                   kTile * f, kTile * f, tile});
+  const Span<float> kt = scratch.take<float>(nk * d * kTile), q_pad = scratch.take<float>(kTile * d),
+                    v_pad = scratch.take<float>(kTile * d), acc = scratch.take<float>(kTile * d),
+                    s = scratch.take<float>(tile), m = scratch.take<float>(kTile),
+                    l = scratch.take<float>(kTile);
+  const Span<uint8_t> mask_pad = scratch.take<uint8_t>(tile);
   for (int64_t j = 0; j < nk; ++j)
     pack_transposed(k + sh.kv_at(b, 0, g), kv_ld, j * kTile, sh.kv_len, d,
                     kt.data() + j * d * kTile);
@@ -386,10 +435,20 @@ void backward_head(const Shape& sh, const float* q, const float* k, const float*
   const float *k_bg = k + sh.kv_at(b, 0, g), *v_bg = v + sh.kv_at(b, 0, g);
   const uint8_t* vis_b = visible + b * sh.q_len * sh.kv_len;
   const uint8_t* tiles_b = tiles + b * sh.q_tiles() * sh.kv_tiles();
-  std::vector<float> delta(groups * padded, 0.f), dq(groups * padded * d, 0.f);
-  std::vector<float> k_pad(kTile * d), q_pad(kTile * d), do_pad(kTile * d), kcol(d * kTile),
-      vcol(d * kTile), s(kTile * kTile), dp(kTile * kTile), dk(kTile * d), dv(kTile * d);
-  std::vector<uint8_t> mask_pad(kTile * kTile);
+  constexpr int64_t f = sizeof(float), tile = kTile * kTile;
+  const int64_t panel = kTile * d * f;
+  Scratch scratch({groups * padded * f, groups * padded * d * f, panel, panel, panel, panel, panel,
+                   panel, panel, tile * f, tile * f, tile});
+  const Span<float> delta = scratch.take<float>(groups * padded),
+                    dq = scratch.take<float>(groups * padded * d);
+  const Span<float> k_pad = scratch.take<float>(kTile * d), q_pad = scratch.take<float>(kTile * d),
+                    do_pad = scratch.take<float>(kTile * d), kcol = scratch.take<float>(d * kTile),
+                    vcol = scratch.take<float>(d * kTile), dk = scratch.take<float>(kTile * d),
+                    dv = scratch.take<float>(kTile * d), s = scratch.take<float>(tile),
+                    dp = scratch.take<float>(tile);
+  const Span<uint8_t> mask_pad = scratch.take<uint8_t>(tile);
+  std::fill(delta.begin(), delta.end(), 0.f);
+  std::fill(dq.begin(), dq.end(), 0.f);
   for (int64_t j = 0; j < groups; ++j) {
     const int64_t h = g * groups + j;
     for (int64_t t = 0; t < sh.q_len; ++t) {
