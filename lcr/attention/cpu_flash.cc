@@ -76,13 +76,20 @@ inline v16 exp16(v16 x) {
   return x < lo ? v16{} : y;
 }
 
+// Lanes of x in the order of the 16 indices (GCC's builtin since 4.7; clang's has another name).
+#if defined(__clang__)
+#define PERMUTE16(x, ...) __builtin_shufflevector(x, x, __VA_ARGS__)
+#else
+#define PERMUTE16(x, ...) __builtin_shuffle(x, i16{__VA_ARGS__})
+#endif
+
 // Horizontal sum and max of 16 lanes by halving: 4 shuffles instead of 15 scalar steps.
 inline v16 swap_halves(v16 x, int width) {
   switch (width) {
-    case 8: return __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-    case 4: return __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-    case 2: return __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-    default: return __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+    case 8: return PERMUTE16(x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    case 4: return PERMUTE16(x, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+    case 2: return PERMUTE16(x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+    default: return PERMUTE16(x, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
   }
 }
 
@@ -115,9 +122,11 @@ inline void micro(const float* a, int ar, int ak, const float* b, int ldb, int d
     for (int n = 0; n < NV; ++n) {
       row[n] = load(b + k * ldb + 16 * n);
       // Keep the row in a register, so one load feeds kRows FMAs: folded into each FMA as a memory
-      // operand (the compiler's choice without this) it is loaded kRows times, and on CPUs with one
+      // operand (GCC's choice on x86 without this) it is loaded kRows times, and on CPUs with one
       // 512-bit load per cycle the loads, not the FMAs, set the pace.
+#if defined(__x86_64__)
       asm("" : "+v"(row[n]));
+#endif
     }
 #pragma GCC unroll 4
     for (int r = 0; r < kRows; ++r) {
