@@ -7,8 +7,9 @@
 //     dV += Pᵀ·dO,  dP = dO·Vᵀ,  dS = P ⊙ (dP − δ),  dQ += dS·K·scale,  dK += dSᵀ·Q·scale,
 // with δ = rowsum(dO ⊙ O).
 //
-// Which keys a query sees is a [B, T, S] bool array; tiles with no visible pair are skipped, so
-// causal and windowed masks cost only the tiles they touch. A query that sees no key gets
+// Which keys a query sees is a [B, T, S] bool array, read once per call into a map of its tiles:
+// tiles with no visible pair are skipped, so causal and windowed masks cost only the tiles they
+// touch, and wholly visible tiles read no mask at all. A query that sees no key gets
 // uniform weights over all S keys, as the `xla` backend gives it (every logit equal).
 // Layouts are the model's own: q, o [B, T, H, D]; k, v [B, S, K, D] (H a multiple of K: query
 // head h reads key/value head h / (H/K)); lse [B, H, T]. float32; D a multiple of 16.
